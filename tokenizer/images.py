@@ -1,0 +1,60 @@
+"""Bringing any PIL-readable image to an RGB square at the model resolution, and back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: grayscale and palette expanded, alpha composited on white,
+    16-bit and float images rescaled (a plain `convert("RGB")` would clip them to white)."""
+    if image.mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if image.mode == "F" and values.max() <= 1.0 else 255.0 if values.max() <= 255 else 65535.0
+        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB. Raises OSError (PIL's) for unreadable or truncated files."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def fit_to_resolution(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (bicubic; antialiased when shrinking), then center-crop a square."""
+    image = to_rgb(image)
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=None if scale >= 1 else 3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(images: Image.Image | Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
+    """PIL image(s) -> float [B, 3, size, size] in [0, 1]; fitted to `size` when given."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    arrays = [np.asarray(fit_to_resolution(im, size) if size else to_rgb(im), dtype=np.uint8) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """float [B, 3, H, W] in [0, 1] -> list of PIL RGB images."""
+    arrays = images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
