@@ -159,14 +159,14 @@ def moving_shapes(seed: int, n_frames: int = 16, size: int = 256) -> tuple[Sente
     scene = random_scene(rng)
     ends = [(float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75))) for _ in scene.shapes]
     steps = max(n_frames - 1, 1)
-    velocities = [((ex - s.center[0]) / steps, (ey - s.center[1]) / steps) for s, (ex, ey) in zip(scene.shapes, ends)]
+    velocities = [((ex - s.center[0]) / steps, (ey - s.center[1]) / steps) for s, (ex, ey) in zip(scene.shapes, ends, strict=True)]
     frames = []
     for t in range(n_frames):
         moved = Scene(
             scene.background,
             [
                 Shape(s.kind, s.color, (s.center[0] + vx * t, s.center[1] + vy * t), s.radius)
-                for s, (vx, vy) in zip(scene.shapes, velocities)
+                for s, (vx, vy) in zip(scene.shapes, velocities, strict=True)
             ],
         )
         frames.append(render(moved, size))

@@ -20,7 +20,6 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -33,7 +32,7 @@ SINGLE, SEQUENCE, ANALOGY, MULTITASK, ANNOTATED_SEQUENCE, CATEGORY = (
 KINDS = (SINGLE, SEQUENCE, ANALOGY, MULTITASK, ANNOTATED_SEQUENCE, CATEGORY)
 IMAGES_PER_SENTENCE = 16
 
-ImageLike = Union[Image.Image, str, os.PathLike, Callable[[], Image.Image]]
+ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
 
 
 @dataclass
@@ -214,7 +213,7 @@ def annotated_sequence_sentences(
     for start in range(0, len(frames) - frames_per_sentence + 1, frames_per_sentence):
         f = list(frames[start : start + frames_per_sentence])
         a = list(annotations[start : start + frames_per_sentence])
-        images = [im for pair in zip(f, a) for im in pair] if interleave else f + a
+        images = [im for pair in zip(f, a, strict=True) for im in pair] if interleave else f + a
         yield Sentence(ANNOTATED_SEQUENCE, images, source, task, {"interleave": interleave, "start": start})
 
 

@@ -90,12 +90,12 @@ def check_same_tokenizer(infos: dict[str, dict]) -> dict:
     """Raise if shard sets (name -> dataset info) were made with different tokenizers; return the common one."""
     identities = {name: tuple(info[k] for k in TOKENIZER_FIELDS) for name, info in infos.items()}
     if len(set(identities.values())) > 1:
-        listing = "; ".join(f"{name}: {dict(zip(TOKENIZER_FIELDS, ident))}" for name, ident in identities.items())
+        listing = "; ".join(f"{name}: {dict(zip(TOKENIZER_FIELDS, ident, strict=True))}" for name, ident in identities.items())
         raise ValueError(
             f"shard sets come from different tokenizers ({listing}). Their token ids mean different things: "
             "re-tokenize them with one tokenizer, or write into a new directory."
         )
-    return dict(zip(TOKENIZER_FIELDS, next(iter(identities.values()))))
+    return dict(zip(TOKENIZER_FIELDS, next(iter(identities.values())), strict=True))
 
 
 def write_manifest(directory: str | os.PathLike) -> dict:

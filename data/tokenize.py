@@ -97,7 +97,7 @@ def tokenize_to_shards(
                 tokens=t,
                 meta={"kind": s.kind, "source": s.source, "task": s.task, **info, "n_images": len(t), **s.meta},
             )
-            for i, (s, t) in enumerate(zip(group, tokens))
+            for i, (s, t) in enumerate(zip(group, tokens, strict=True))
         )
         write_shard(path, samples)
         written += 1
