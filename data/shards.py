@@ -154,17 +154,25 @@ def read_shard(path: str | os.PathLike, stats: ShardStats, codebook_size: int | 
     path = Path(path)
     key, members = None, {}
     try:
-        with tarfile.open(path, "r|") as tar:  # streaming mode: one pass, no index, as a remote read would be
-            for info in tar:
-                if not info.isfile():
-                    continue
-                name = info.name.rsplit("/", 1)[-1]
-                member_key, _, extension = name.partition(".")
-                if member_key != key and key is not None:
-                    yield from _finish(key, members, path, stats, codebook_size)
-                    members = {}
-                key = member_key
-                members[extension] = tar.extractfile(info).read()
+        with open(path, "rb") as file:
+            with tarfile.open(fileobj=file, mode="r|") as tar:  # one streaming pass, as a remote read would be
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    member_key, _, extension = info.name.rsplit("/", 1)[-1].partition(".")
+                    if member_key != key and key is not None:
+                        yield from _finish(key, members, path, stats, codebook_size)
+                        members = {}
+                    key = member_key
+                    members[extension] = tar.extractfile(info).read()
+                    if len(members[extension]) != info.size:
+                        raise EOFError(f"member {info.name} cut short")
+                end = tar.offset
+            # tarfile ends quietly at a cut header; a complete archive ends with two zero blocks.
+            file.seek(end)
+            tail = file.read()
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                raise EOFError("no end-of-archive marker")
         if key is not None:
             yield from _finish(key, members, path, stats, codebook_size)
     except (tarfile.TarError, EOFError, OSError) as error:
