@@ -35,7 +35,7 @@ from data.shards import ShardStats, check_same_tokenizer, list_shards, read_data
 log = logging.getLogger(__name__)
 
 STREAM_STATE = "stream_state"  # batch key of the tag; TokenDataModule removes it before the model sees the batch
-_TAG_FIELDS = ("worker", "batch", "corrupt_shards", "corrupt_samples", "split_sentences", "dropped_sentences")
+_TAG_FIELDS = ("role", "batch", "corrupt_shards", "corrupt_samples", "split_sentences", "dropped_sentences")
 
 
 @dataclass
@@ -59,7 +59,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 class TokenStream(IterableDataset):
     """Batches of packed rows (see data.packing for the layout) from weighted shard sets.
 
-    `skip` maps worker id -> number of batches that worker already delivered this epoch (resume).
+    Worker roles: the DataLoader hands batch requests to its workers in turn, starting with worker
+    0. To resume in the same order, loader worker i plays role (i + first_role) % num_workers; a
+    role is what decides the shards and seeds. `skip` maps role -> batches it already delivered.
     """
 
     def __init__(
@@ -86,13 +88,15 @@ class TokenStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip: dict[int, int] = {}
+        self.first_role = 0
 
     def reader(self) -> tuple[int, int, int]:
-        """(worker id, this reader's global index, number of readers)."""
+        """(worker role, this reader's global index, number of readers)."""
         rank, world_size = resolve_rank(self.rank, self.world_size)
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return worker, rank * workers + worker, world_size * workers
+        workers = info.num_workers if info else 1
+        role = ((info.id if info else 0) + self.first_role) % workers
+        return role, rank * workers + role, world_size * workers
 
     def _set_samples(self, index: int, shard_set: ShardSet, reader: int, readers: int, stats: ShardStats):
         passes = math.ceil(shard_set.weight)
@@ -136,16 +140,16 @@ class TokenStream(IterableDataset):
         yield from buffer
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, reader, readers = self.reader()
+        role, reader, readers = self.reader()
         shard_stats = ShardStats()
         packer = Packer(self.seq_len, self.bos_id, self.eos_id, self.cross_rows, self.long_sentences)
-        skip = self.skip.get(worker, 0)
+        skip = self.skip.get(role, 0)
         rows, batch_index = [], 0
 
         def batch() -> dict[str, torch.Tensor]:
             out = collate_rows(rows)
             if self.tag:
-                values = (worker, batch_index, *asdict(shard_stats).values(), packer.stats.split_sentences,
+                values = (role, batch_index, *asdict(shard_stats).values(), packer.stats.split_sentences,
                           packer.stats.dropped_sentences)  # fmt: skip
                 out[STREAM_STATE] = torch.tensor(values, dtype=torch.long)
             return out
@@ -202,7 +206,8 @@ class TokenDataModule(L.LightningDataModule):
         self.bos_id = bos if bos_id is None else bos_id
         self.eos_id = eos if eos_id is None else eos_id
         self._epoch = 0
-        self._consumed: dict[int, int] = {}  # worker -> batches consumed this epoch
+        self._consumed: dict[int, int] = {}  # worker role -> batches consumed this epoch
+        self._next_role = 0  # the role whose batch comes next (see TokenStream)
         self._worker_stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
 
@@ -251,11 +256,11 @@ class TokenDataModule(L.LightningDataModule):
     def _start_epoch(self, stream: TokenStream) -> None:
         """Called as a train iteration starts: picks the epoch and, once after a restore, the resume point."""
         epoch = self.trainer.current_epoch if self.trainer is not None else self._epoch
-        stream.epoch, stream.skip = epoch, {}
-        self._epoch, self._consumed, self._worker_stats = epoch, {}, {}
+        stream.epoch, stream.skip, stream.first_role = epoch, {}, 0
+        self._epoch, self._consumed, self._worker_stats, self._next_role = epoch, {}, {}, 0
         if self._resume is not None and self._resume["epoch"] == epoch:
-            stream.skip = dict(self._resume["consumed"])
-            self._consumed = dict(stream.skip)
+            stream.skip, stream.first_role = dict(self._resume["consumed"]), self._resume["next_role"]
+            self._consumed, self._next_role = dict(stream.skip), stream.first_role
         self._resume = None
 
     # -- consumption tracking and checkpoint state -------------------------------------------------
@@ -263,9 +268,10 @@ class TokenDataModule(L.LightningDataModule):
         """Record which worker's batch the loop is about to train on, and drop the tag."""
         tag = batch.pop(STREAM_STATE, None)
         if tag is not None:
-            worker, index, *stats = tag.tolist()
-            self._consumed[worker] = index + 1
-            self._worker_stats[worker] = stats
+            role, index, *stats = tag.tolist()
+            self._consumed[role] = index + 1
+            self._worker_stats[role] = stats
+            self._next_role = (role + 1) % max(self.num_workers, 1)
         return batch
 
     @property
@@ -277,13 +283,13 @@ class TokenDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict:
         rank, world_size = resolve_rank(self.rank, self.world_size)
-        consumed = dict(self._consumed)
-        if dist.is_available() and dist.is_initialized():
+        position = {"consumed": dict(self._consumed), "next_role": self._next_role}
+        if dist.is_available() and dist.is_initialized():  # every rank's workers are at their own place
             gathered = [None] * world_size
-            dist.all_gather_object(gathered, consumed)
+            dist.all_gather_object(gathered, position)
         else:
-            gathered = [consumed]
-        return {"epoch": self._epoch, "consumed_by_rank": gathered, "num_workers": self.num_workers,
+            gathered = [position]
+        return {"epoch": self._epoch, "position_by_rank": gathered, "num_workers": self.num_workers,
                 "world_size": world_size, "seed": self.seed}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
@@ -295,8 +301,9 @@ class TokenDataModule(L.LightningDataModule):
                 f"cannot resume the data stream mid-epoch: the checkpoint was written with {found}, this run has "
                 f"{expected}. Use the same values, or drop the datamodule state to restart the epoch."
             )
-        consumed = state["consumed_by_rank"][rank if len(state["consumed_by_rank"]) > 1 else 0]
-        self._resume = {"epoch": state["epoch"], "consumed": {int(k): v for k, v in consumed.items()}}
+        position = state["position_by_rank"][rank if len(state["position_by_rank"]) > 1 else 0]
+        consumed = {int(k): v for k, v in position["consumed"].items()}
+        self._resume = {"epoch": state["epoch"], "consumed": consumed, "next_role": position["next_role"]}
         self._epoch = state["epoch"]
 
 
