@@ -174,6 +174,10 @@ class TokenDataModule(L.LightningDataModule):
     names, so the choice is stable) are held out from training instead.
     Token ids: BOS/EOS default to codebook_size / codebook_size + 1 of the sets' tokenizer.
     Batches: {"input_ids", "labels", "document_ids", "position_ids"} of shape [batch_size, seq_len].
+
+    Resume bookkeeping happens in this module's `on_before_batch_transfer` (Lightning then ignores a
+    LightningModule's own hook of that name). Workers are not persistent, and under DDP the ranks
+    may yield different numbers of batches at the end of an epoch: cap them with limit_train_batches.
     """
 
     def __init__(
