@@ -1,8 +1,9 @@
 """Loading VQGAN weights: our own directories, taming-transformers checkpoints, open-muse folders.
 
     our directory      config.json ("model_type": "lvm-vqgan") + model.safetensors
-    taming run         <run>/checkpoints/*.ckpt beside <run>/configs/*-project.yaml (or a bare .ckpt:
-                       the shape is then read off the state dict)
+    taming run         <run>/checkpoints/*.ckpt beside <run>/configs/*-project.yaml (training logs), or
+                       <run>/ckpts/last.ckpt beside <run>/configs/model.yaml (the released models), or
+                       x.ckpt beside x.yaml; a bare .ckpt has its shape read off the state dict
     open-muse folder   config.json (VQGANModel fields) + pytorch_model.bin or model.safetensors
 
 taming and open-muse use the same module names as our VQGAN, so weights load without renaming; what
@@ -26,7 +27,8 @@ from tokenizer.model import VQGAN
 
 EXPECTED = (
     "a directory written by VQGAN.save_pretrained (config.json + model.safetensors), "
-    "a taming-transformers .ckpt or run directory (checkpoints/*.ckpt, configs/*-project.yaml), "
+    "a taming-transformers .ckpt or run directory (checkpoints/*.ckpt or ckpts/*.ckpt, with "
+    "configs/*-project.yaml or configs/model.yaml), "
     "or an open-muse VQGAN directory (config.json + pytorch_model.bin)"
 )
 
@@ -47,11 +49,12 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> VQGAN:
             return _build(config, load_file(path / "model.safetensors"), str(path))
         if "hidden_channels" in values and "num_embeddings" in values:
             return _load_muse(path, values, overrides)
-        raise ValueError(f"{config_file} is neither our VQGAN config nor an open-muse VQGANModel config; expected {EXPECTED}")
-    checkpoints = sorted((path / "checkpoints").glob("*.ckpt")) if (path / "checkpoints").is_dir() else []
-    if checkpoints:
-        last = [c for c in checkpoints if c.name == "last.ckpt"]
-        return _load_taming((last or checkpoints)[-1], overrides)
+        raise ValueError(
+            f"{config_file} is neither our VQGAN config nor an open-muse VQGANModel config; expected {EXPECTED}"
+        )
+    ckpt = _find_taming_checkpoint(path)
+    if ckpt is not None:
+        return _load_taming(ckpt, overrides)
     raise ValueError(f"{path} holds no VQGAN checkpoint; expected {EXPECTED}")
 
 
@@ -68,8 +71,15 @@ def _build(config: VQGANConfig, state_dict: dict[str, torch.Tensor], source: str
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"weights in {source} do not fit the VQGAN shape {config.name!r} ({config}):\n"
-            + "".join(f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}\n"
-                      for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)) if keys)
+            + "".join(
+                f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}\n"
+                for label, keys in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("wrong shape", wrong_shape),
+                )
+                if keys
+            )
         )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()
@@ -78,7 +88,15 @@ def _build(config: VQGANConfig, state_dict: dict[str, torch.Tensor], source: str
 def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except OSError:
+        raise
+    except Exception as error:  # torch raises EOFError, KeyError, RuntimeError, ... for files it cannot read
+        if not (
+            isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower()
+        ):
+            raise ValueError(
+                f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error}); expected {EXPECTED}"
+            ) from error
         raise ValueError(
             f"{path} holds pickled objects beyond tensors, which weights_only loading refuses. If you trust "
             "the file, extract its weights once: torch.save({'state_dict': torch.load(p, weights_only=False)"
@@ -87,31 +105,68 @@ def _torch_load(path: Path) -> dict:
 
 
 # -- taming-transformers -------------------------------------------------------------------------------
+_TAMING_CKPT_DIRS = ("checkpoints", "ckpts")  # training logs / the released downloads
+
+
+def _find_taming_checkpoint(run: Path) -> Path | None:
+    for sub in _TAMING_CKPT_DIRS:
+        checkpoints = sorted((run / sub).glob("*.ckpt")) if (run / sub).is_dir() else []
+        if checkpoints:
+            last = [c for c in checkpoints if c.name == "last.ckpt"]
+            return (last or checkpoints)[-1]
+    return None
+
+
+def _find_taming_config(ckpt: Path) -> Path | None:
+    """The YAML describing `ckpt`: `<stem>.yaml` beside it (how taming's notebooks store downloads), else,
+    for a checkpoint inside a run folder, the newest `configs/*-project.yaml` (taming writes one per
+    start or resume) or `configs/model.yaml` (the released models). None for a bare checkpoint."""
+    if ckpt.with_suffix(".yaml").is_file():
+        return ckpt.with_suffix(".yaml")
+    if ckpt.parent.name not in _TAMING_CKPT_DIRS:
+        return None
+    configs = ckpt.parent.parent / "configs"
+    projects = sorted(configs.glob("*-project.yaml"))
+    if projects:
+        return projects[-1]
+    return configs / "model.yaml" if (configs / "model.yaml").is_file() else None
+
+
 def _load_taming(ckpt: Path, overrides: dict) -> VQGAN:
     checkpoint = _torch_load(ckpt)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt} is not a taming-transformers Lightning checkpoint (no 'state_dict'); expected {EXPECTED}")
+        raise ValueError(
+            f"{ckpt} is not a taming-transformers Lightning checkpoint (no 'state_dict'); expected {EXPECTED}"
+        )
     state_dict = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("loss.")}
     if "quantize.embed.weight" in state_dict:
-        raise ValueError(f"{ckpt} is a Gumbel-quantized taming model, which is not supported (VectorQuantizer2 only)")
+        raise ValueError(
+            f"{ckpt} is a Gumbel-quantized taming model, which is not supported (VectorQuantizer2 only)"
+        )
     if "quantize.used" in state_dict:
         raise ValueError(f"{ckpt} uses taming's index remapping ('quantize.used'), which is not supported")
-    project = sorted(ckpt.parent.parent.glob("configs/*-project.yaml"))
-    if project:
-        config = _config_from_taming_yaml(project[-1], overrides)
+    project = _find_taming_config(ckpt)
+    if project is not None:
+        name = ckpt.stem if project.parent == ckpt.parent else ckpt.parent.parent.name
+        config = _config_from_taming_yaml(project, {"name": name, **overrides})
     else:
         config = _config_from_state_dict(state_dict, overrides)
-    config.extra = {"source": "taming", "checkpoint": str(ckpt), "project": str(project[-1]) if project else None}
+    config.extra = {"source": "taming", "checkpoint": str(ckpt), "project": str(project) if project else None}
     return _build(config, state_dict, str(ckpt))
 
 
 def _config_from_taming_yaml(project: Path, overrides: dict) -> VQGANConfig:
-    params = yaml.safe_load(project.read_text())["model"]["params"]
+    try:
+        params = yaml.safe_load(project.read_text())["model"]["params"]
+        dd = params["ddconfig"]
+    except (KeyError, TypeError, yaml.YAMLError) as error:
+        raise ValueError(
+            f"{project} is not a taming-transformers VQModel config (model.params.ddconfig missing: {error!r})"
+        ) from error
     if params.get("remap"):
         raise ValueError(f"{project} configures index remapping (remap), which is not supported")
-    dd = params["ddconfig"]
     values = dict(
-        name=project.parent.parent.name,
+        name=project.stem,
         resolution=dd["resolution"],
         in_channels=dd["in_channels"],
         base_channels=dd["ch"],
@@ -134,7 +189,9 @@ def _config_from_state_dict(state_dict: dict[str, torch.Tensor], overrides: dict
     levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     base = state_dict["encoder.conv_in.weight"].shape[0]
     resolution = overrides.get("resolution", 256)
-    res_blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    res_blocks = {
+        int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))
+    }
     values = dict(
         name="taming-inferred",
         resolution=resolution,
@@ -142,7 +199,9 @@ def _config_from_state_dict(state_dict: dict[str, torch.Tensor], overrides: dict
         base_channels=base,
         channel_mult=[state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in levels],
         num_res_blocks=len(res_blocks),
-        attn_resolutions=[resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state_dict],
+        attn_resolutions=[
+            resolution // 2**i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in state_dict
+        ],
         mid_attention="encoder.mid.attn_1.q.weight" in state_dict,
         z_channels=state_dict["encoder.conv_out.weight"].shape[0],
         embed_dim=state_dict["quant_conv.weight"].shape[0],
@@ -163,12 +222,18 @@ _MUSE_UNSUPPORTED = {
 
 
 def _load_muse(directory: Path, values: dict, overrides: dict) -> VQGAN:
-    different = {k: values[k] for k, default in _MUSE_UNSUPPORTED.items() if values.get(k, default) != default}
+    different = {
+        k: values[k] for k, default in _MUSE_UNSUPPORTED.items() if values.get(k, default) != default
+    }
     if different:
-        raise ValueError(f"open-muse options {different} in {directory} change the architecture and are not supported")
+        raise ValueError(
+            f"open-muse options {different} in {directory} change the architecture and are not supported"
+        )
     if values.get("attn_resolutions") and values.get("num_res_blocks", 2) < 2:
         # open-muse applies block attention only when a level holds more than one attention block
-        raise ValueError(f"{directory}: open-muse attention with num_res_blocks < 2 skips its attention; not supported")
+        raise ValueError(
+            f"{directory}: open-muse attention with num_res_blocks < 2 skips its attention; not supported"
+        )
     config = VQGANConfig(
         **{
             **dict(
@@ -196,5 +261,7 @@ def _load_muse(directory: Path, values: dict, overrides: dict) -> VQGAN:
     elif (directory / "pytorch_model.bin").exists():
         state_dict = _torch_load(directory / "pytorch_model.bin")
     else:
-        raise ValueError(f"{directory} has an open-muse config.json but no pytorch_model.bin or model.safetensors")
+        raise ValueError(
+            f"{directory} has an open-muse config.json but no pytorch_model.bin or model.safetensors"
+        )
     return _build(config, state_dict, str(directory))

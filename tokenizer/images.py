@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -16,9 +16,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB: grayscale and palette expanded, alpha composited on white,
     16-bit and float images rescaled (a plain `convert("RGB")` would clip them to white)."""
     if image.mode in _HIGH_DEPTH_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        peak = 1.0 if image.mode == "F" and values.max() <= 1.0 else 255.0 if values.max() <= 255 else 65535.0
-        image = Image.fromarray(np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = Image.fromarray(
+            np.clip(values / _peak(image.mode, values) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L"
+        )
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL only un-premultiplies within its own family
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -28,11 +31,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _peak(mode: str, values: np.ndarray) -> float:
+    """The value that maps to white. "I;16*" modes are 16-bit by definition (a dark 16-bit image stays
+    dark); "I" and "F" carry no bit depth, so it is read off the data: [0, 1] floats, 8-bit or 16-bit."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    high = float(values.max()) if values.size else 0.0
+    if mode == "F" and high <= 1.0:
+        return 1.0
+    if high <= 255:
+        return 255.0
+    return 65535.0 if high <= 65535 else high
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB. Raises OSError (PIL's) for unreadable or truncated files."""
+    """Open and fully decode an image as RGB, upright as its EXIF orientation says (as photo viewers show
+    it). Raises OSError (PIL's; PIL.UnidentifiedImageError for non-images) for unreadable or
+    truncated files."""
     with Image.open(path) as image:
         image.load()
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def fit_to_resolution(image: Image.Image, size: int) -> Image.Image:
@@ -50,7 +68,9 @@ def to_tensor(images: Image.Image | Sequence[Image.Image], size: int | None = No
     """PIL image(s) -> float [B, 3, size, size] in [0, 1]; fitted to `size` when given."""
     if isinstance(images, Image.Image):
         images = [images]
-    arrays = [np.asarray(fit_to_resolution(im, size) if size else to_rgb(im), dtype=np.uint8) for im in images]
+    arrays = [
+        np.asarray(fit_to_resolution(im, size) if size else to_rgb(im), dtype=np.uint8) for im in images
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
