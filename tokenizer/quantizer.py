@@ -17,7 +17,7 @@ class Quantizer(VectorQuantizer2):
     codebook trained from scratch use all of its codes:
     - `l2_normalized`: compare directions, not lengths (LlamaGen reports 97% codebook use with it);
     - `dead_code_threshold`: codes whose moving-average use per batch falls below the threshold are
-      moved onto random encoder outputs of the current batch. Use starts at zero, so the first training
+      moved onto random encoder outputs of the current batch. A fresh codebook starts with zero use, so the first training
       batch initialises the whole codebook from data.
     """
 
@@ -35,6 +35,11 @@ class Quantizer(VectorQuantizer2):
         self.l2_normalized = l2_normalized
         self.dead_code_threshold = dead_code_threshold
         self.register_buffer("usage", torch.zeros(codebook_size), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # loaded codes get the grace period; only a fresh codebook is initialised from data
+        self.usage.fill_(1.0)
 
     def codebook(self) -> torch.Tensor:
         weight = self.embedding.weight
