@@ -34,7 +34,7 @@ def embedded_photo_names(split: str = "all") -> list[str]:
     raise ValueError(f"unknown split {split!r}; valid: all, train, val")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def embedded_photo(name: str) -> Image.Image:
     """One embedded photo as a PIL image in its own mode (grayscale and RGBA ones included)."""
     if name in SKIMAGE_PHOTOS:

@@ -1,0 +1,119 @@
+"""Image folders (or the embedded photos) as a LightningDataModule of random crops, for tokenizer training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from data.photos import embedded_photos
+from data.sources import IMAGE_EXTENSIONS, list_images
+from tokenizer.images import fit_to_resolution, load_image, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+class ImageCrops(Dataset):
+    """Samples drawn from a list of images (paths or PIL images), cycling through them.
+
+    Training: `length` random resized crops with horizontal flips. Evaluation: each image at `zooms`
+    fixed scales (whole, then 2x, 3x... center zooms), resized + center-cropped. A file that fails to load is logged, counted in
+    `failed`, and replaced by the next image."""
+
+    def __init__(self, images: list, resolution: int, train: bool, length: int | None = None, zooms: int = 1):
+        self.images = images
+        self.resolution = resolution
+        self.zooms = zooms
+        self.length = length if train else len(images) * zooms
+        self.failed: set[int] = set()
+        self.augment = (
+            v2.Compose(
+                [v2.RandomResizedCrop(resolution, scale=(0.05, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+            )
+            if train
+            else None
+        )
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load(self, index: int) -> Image.Image:
+        for offset in range(len(self.images)):
+            i = (index + offset) % len(self.images)
+            item = self.images[i]
+            if not isinstance(item, (str, Path)):
+                return to_rgb(item)
+            try:
+                return load_image(item)
+            except OSError as error:  # truncated or not an image after all (PIL's errors are OSErrors)
+                if i not in self.failed:
+                    self.failed.add(i)
+                    log.warning("skipping unreadable image %s: %s", item, error)
+        raise RuntimeError("none of the images could be loaded")
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """-> float [3, resolution, resolution] in [0, 1]."""
+        image = self._load(index % len(self.images))
+        if self.augment is None:
+            image = fit_to_resolution(_center_zoom(image, 1 + index // len(self.images)), self.resolution)
+        tensor = v2.functional.to_dtype(v2.functional.pil_to_tensor(image), torch.float32, scale=True)
+        return tensor if self.augment is None else self.augment(tensor)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Random crops of the images under `root` (recursive, any PIL-readable format), or of the
+    embedded photos when `root` is None. Validation uses held-out images: the embedded validation
+    photos, or every `val_every`-th file of the folder."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        resolution: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        train_samples_per_epoch: int = 1024,
+        val_every: int = 10,
+        val_zooms: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if hp.root is None:
+            train_images, val_images = embedded_photos("train"), embedded_photos("val")
+        else:
+            files = list_images(hp.root)
+            if not files:
+                raise ValueError(f"no images under {hp.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            val_images = files[:: hp.val_every]
+            train_images = [f for f in files if f not in set(val_images)] or files
+        self.train_set = ImageCrops(train_images, hp.resolution, train=True, length=hp.train_samples_per_epoch)
+        self.val_set = ImageCrops(val_images, hp.resolution, train=False, zooms=hp.val_zooms)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            num_workers=self.hparams.num_workers,
+            drop_last=True,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+
+def _center_zoom(image: Image.Image, factor: int) -> Image.Image:
+    if factor == 1:
+        return image
+    width, height = image.size
+    w, h = round(width / factor), round(height / factor)
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))
