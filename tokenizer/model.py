@@ -103,7 +103,10 @@ class VQGAN(nn.Module):
         with torch.inference_mode():
             pixels = self.to_model_range(images.to(self._param_dtype()))
             latents = self.quant_conv(self.encoder(pixels.contiguous(memory_format=torch.channels_last)))
-            codes = self.quantize.codes(latents)
+            # Nearest codes in the parameters' precision even under autocast: distances in bf16 (8 bits
+            # of mantissa) would pick a different code wherever the two nearest are close.
+            with torch.autocast(latents.device.type, enabled=False):
+                codes = self.quantize.codes(latents.to(self._param_dtype()))
         return codes.clone()  # a normal tensor, usable outside inference mode
 
     def decode(self, codes: torch.Tensor, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
