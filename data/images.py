@@ -33,7 +33,7 @@ class ImageCrops(Dataset):
         self.failed: set[int] = set()
         self.augment = (
             v2.Compose(
-                [v2.RandomResizedCrop(resolution, scale=(0.05, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+                [v2.RandomResizedCrop(resolution, scale=(0.25, 1.0), antialias=True), v2.RandomHorizontalFlip()]
             )
             if train
             else None

@@ -101,19 +101,16 @@ class VQGAN(nn.Module):
         """float [B, 3, H, W] in [0, 1] -> long [B, (H/f) * (W/f)] codes, row-major."""
         self._check_images(images)
         with torch.inference_mode():
-            pixels = self.to_model_range(images.to(self._param_dtype()))
+            pixels = self.to_model_range(images.to(self.quant_conv.weight.device, self._param_dtype()))
             latents = self.quant_conv(self.encoder(pixels.contiguous(memory_format=torch.channels_last)))
-            # Nearest codes in the parameters' precision even under autocast: distances in bf16 (8 bits
-            # of mantissa) would pick a different code wherever the two nearest are close.
-            with torch.autocast(latents.device.type, enabled=False):
-                codes = self.quantize.codes(latents.to(self._param_dtype()))
+            codes = self.quantize.codes(latents)
         return codes.clone()  # a normal tensor, usable outside inference mode
 
     def decode(self, codes: torch.Tensor, latent_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """long [B, n] codes -> float [B, 3, H, W] in [0, 1]. A square latent grid unless `latent_hw`."""
         height, width = self._check_codes(codes, latent_hw)
         with torch.inference_mode():
-            latents = self.quantize.lookup(codes.to(self.quantize.embedding.weight.device), height, width)
+            latents = self.quantize.lookup(codes.to(self.quantize.embedding.weight.device, torch.long), height, width)
             latents = latents.contiguous(memory_format=torch.channels_last)
             images = self.to_unit_range(self.decoder(self.post_quant_conv(latents)).float())
         return images.clone()
@@ -138,6 +135,10 @@ class VQGAN(nn.Module):
                 f"{tuple(images.shape[2:])}. Resize with tokenizer.fit_to_resolution (model resolution "
                 f"{self.config.resolution})."
             )
+        if images.shape[0] == 0:
+            raise ValueError("encode got an empty batch (shape [0, ...])")
+        if not torch.isfinite(images).all():
+            raise ValueError("encode got NaN or infinite pixel values")
         low, high = float(images.min()), float(images.max())
         if low < -1e-4 or high > 1 + 1e-4:
             raise ValueError(
@@ -146,7 +147,7 @@ class VQGAN(nn.Module):
             )
 
     def _check_codes(self, codes: torch.Tensor, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
-        if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32, torch.int16):
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise TypeError(f"decode expects an integer tensor [B, n] of codes; got {getattr(codes, 'dtype', type(codes))}")
         if codes.ndim != 2:
             raise ValueError(f"decode expects codes of shape [B, n]; got {tuple(codes.shape)}")

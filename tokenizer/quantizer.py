@@ -17,8 +17,8 @@ class Quantizer(VectorQuantizer2):
     codebook trained from scratch use all of its codes:
     - `l2_normalized`: compare directions, not lengths (LlamaGen reports 97% codebook use with it);
     - `dead_code_threshold`: codes whose moving-average use per batch falls below the threshold are
-      moved onto random encoder outputs of the current batch. A fresh codebook starts with zero use, so the first training
-      batch initialises the whole codebook from data.
+      moved onto random encoder outputs of the current batch. A fresh codebook starts with zero use,
+      so the first training batch initialises the whole codebook from data.
     """
 
     usage_decay = 0.95
@@ -46,8 +46,13 @@ class Quantizer(VectorQuantizer2):
         return F.normalize(weight, dim=1) if self.l2_normalized else weight
 
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
-        """[N, dim] -> [N] indices of the closest codes."""
-        codebook = self.codebook()
+        """[N, dim] -> [N] indices of the closest codes, always in fp32: under bf16 autocast (8 bits of
+        mantissa) distances would pick another code wherever the two nearest are close."""
+        with torch.autocast(flat.device.type, enabled=False):
+            return self._nearest_code_fp32(flat.float())
+
+    def _nearest_code_fp32(self, flat: torch.Tensor) -> torch.Tensor:
+        codebook = self.codebook().float()
         if self.l2_normalized:
             return (flat @ codebook.t()).argmax(dim=1)
         # taming's arithmetic, term for term, so imported models reproduce their codes exactly
