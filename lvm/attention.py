@@ -1,0 +1,163 @@
+"""Causal attention backends, chosen at run time, all with the same contract.
+
+`build(backend, document_ids, length, device)` returns `attend(q, k, v) -> out` with
+    q  [B, H, L, D]      k, v  [B, Hkv, L, D]  (H a multiple of Hkv: grouped-query attention)
+    out [B, H, L, D]
+Without document ids attention is plain causal. With them (int [B, L], -1 on padding) it is
+block-diagonal causal: a token sees the earlier tokens of its own document only, so sentences packed
+into one row do not attend to each other. Padding forms one block of its own, so every query sees at
+least itself and no softmax row is empty (no NaNs).
+
+Backends:
+    xformers  memory_efficient_attention; the fastest on CUDA, but it has no CPU kernels
+    sdpa      torch.nn.functional.scaled_dot_product_attention (is_causal, or a boolean block mask)
+    flex      torch.nn.attention.flex_attention with a block mask built from the document ids; on CPU
+              forward only (torch has no CPU backward for it) and unfused
+    eager     explicit softmax(q k^T / sqrt(D)) v: the readable reference the others are tested against
+    auto      xformers where its kernels run on the tensors' device, else sdpa (and logs why)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from data.packing import cu_seqlens
+
+log = logging.getLogger(__name__)
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def block_causal_mask(document_ids: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """bool [B or 1, 1, L, L], True where query i may attend to key j: j <= i and same document."""
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if document_ids is None:
+        return causal[None, None]
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [B, L, L]
+    return (same_document & causal)[:, None]
+
+
+# -- backend choice ------------------------------------------------------------------------------------
+def xformers_unavailable(device: torch.device) -> str | None:
+    """Why xformers cannot run attention on `device`, or None when it can (probed once per device)."""
+    return _xformers_probe(device.type)
+
+
+@functools.lru_cache
+def _xformers_probe(device_type: str) -> str | None:
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return "xformers not installed"
+    if device_type != "cuda":
+        return f"xformers has no {device_type.upper()} kernels"
+    try:  # installed, but built for another CUDA / GPU generation: find out with a tiny call
+        x = torch.zeros(1, 8, 1, 64, device=device_type, dtype=torch.float16)
+        xops.memory_efficient_attention(x, x, x, attn_bias=xops.LowerTriangularMask())
+    except Exception as error:  # noqa: BLE001 - any failure means "do not use it"
+        return f"xformers kernels failed on {device_type}: {str(error).splitlines()[0]}"
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that will run: `auto` becomes xformers or sdpa; explicit choices are checked."""
+    if requested == "auto":
+        return _auto(device.type)
+    if requested == "xformers" and (reason := xformers_unavailable(device)):
+        raise RuntimeError(f"attn_backend='xformers' cannot run on {device.type}: {reason}; use 'auto' or 'sdpa'")
+    if requested == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        raise RuntimeError(
+            "attn_backend='flex' has no backward on CPU in this torch (forward only: run under "
+            "torch.no_grad()); use 'sdpa' to train on CPU"
+        )
+    return requested
+
+
+@functools.lru_cache
+def _auto(device_type: str) -> str:
+    reason = _xformers_probe(device_type)
+    if reason is None:
+        log.info("attention backend: xformers (its kernels run on %s)", device_type)
+        return "xformers"
+    log.info("attention backend: sdpa (%s)", reason)
+    return "sdpa"
+
+
+# -- backends ------------------------------------------------------------------------------------------
+def build(backend: str, document_ids: torch.Tensor | None, length: int, device: torch.device) -> Attend:
+    """The attend function for one forward pass; masks are built here once and shared by all layers."""
+    backend = resolve_backend(backend, device)
+    if backend == "xformers":
+        return _xformers(document_ids)
+    if backend == "flex":
+        return _flex(document_ids, length, device)
+    if backend == "eager":
+        mask = block_causal_mask(document_ids, length, device)
+        return functools.partial(_eager, mask=mask)
+    if document_ids is None:
+        return functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
+    mask = block_causal_mask(document_ids, length, device)
+    return functools.partial(F.scaled_dot_product_attention, attn_mask=mask, enable_gqa=True)
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, L, D]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+def xformers_bias(document_ids: torch.Tensor | None):
+    """The xformers attention bias: LowerTriangularMask, or for packed rows one causal block per
+    document over the flattened batch (each row's padding is a block of its own)."""
+    from xformers.ops import fmha
+
+    if document_ids is None:
+        return fmha.attn_bias.LowerTriangularMask()
+    bounds, _ = cu_seqlens(document_ids)
+    return fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens((bounds[1:] - bounds[:-1]).tolist())
+
+
+def _xformers(document_ids: torch.Tensor | None) -> Attend:
+    from xformers.ops import memory_efficient_attention
+
+    bias = xformers_bias(document_ids)
+
+    def attend(q, k, v):
+        batch, heads, length, dim = q.shape
+        kv_heads = k.shape[1]
+        # xformers wants [B, L, H, D]; grouped-query attention as [B, L, Hkv, H/Hkv, D] with k, v expanded.
+        q5 = q.transpose(1, 2).reshape(batch, length, kv_heads, heads // kv_heads, dim)
+        k5, v5 = (t.transpose(1, 2)[:, :, :, None].expand_as(q5) for t in (k, v))
+        if document_ids is not None:  # block-diagonal biases index one flattened sequence
+            q5, k5, v5 = (t.reshape(1, batch * length, *t.shape[2:]) for t in (q5, k5, v5))
+        out = memory_efficient_attention(q5, k5, v5, attn_bias=bias)
+        return out.reshape(batch, length, heads, dim).transpose(1, 2)
+
+    return attend
+
+
+def _flex(document_ids: torch.Tensor | None, length: int, device: torch.device) -> Attend:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if document_ids is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    else:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    batch = None if document_ids is None else document_ids.shape[0]
+    block_mask = create_block_mask(mask_mod, batch, None, length, length, device=device)
+    # Fused kernels need torch.compile; on CPU flex runs unfused (a reference, and torch warns so).
+    kernel = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+    return functools.partial(kernel, block_mask=block_mask, enable_gqa=True)

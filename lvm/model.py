@@ -1,0 +1,184 @@
+"""The LVM: a LLaMA decoder over image codes and a few special tokens.
+
+    input_ids [B, L] -> embed_tokens -> num_layers x Block -> norm -> lm_head -> logits [B, L, vocab]
+    Block:  x = x + Attention(RMSNorm(x))      rotary positions, causal (block-diagonal when packed)
+            x = x + SwiGLU(RMSNorm(x))
+
+Parameter names are those of transformers' LlamaForCausalLM (model.layers.0.self_attn.q_proj.weight,
+.., lm_head.weight) and the rotary layout is its rotate_half one, so HF checkpoints, the released LVM
+weights among them, load as they are (lvm/hf.py). B batch, L length, C hidden, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lvm import attention
+from lvm.config import LVMConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 so bf16 activations keep their scale."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings, HF Llama layout: each head's dims are split in halves (x1, x2)
+    rotated as (x1 cos - x2 sin, x2 cos + x1 sin), frequency theta^(-2i/D) for pair i."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]; not in checkpoints
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] -> cos, sin [B, L, 1, D] in fp32 (broadcast over heads)."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, L, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, L, 1, D]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, heads, D] rotated by position; rotate_half(x) = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LVMConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attend: attention.Attend) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)  # [B, L, H, D]
+        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)  # [B, L, Hkv, D]
+        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: LVMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LVMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, attend: attention.Attend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LVM(nn.Module):
+    def __init__(self, config: LVMConfig):
+        super().__init__()
+        self.config = config
+        # `model.` + names below = the HF LlamaForCausalLM state-dict keys.
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+                layers=nn.ModuleList(Block(config) for _ in range(config.num_layers)),
+                norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # LLaMA's init: every matrix N(0, init_std), norms at one (RMSNorm's own default).
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids long [B, L] -> logits [B, L, vocab].
+
+        Packed rows pass document_ids (int [B, L], -1 on padding) for block-diagonal causal attention
+        and position_ids restarting at each document; without them: one causal sequence, positions 0..L-1.
+        """
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        cos, sin = self.rotary(position_ids)
+        attend = attention.build(self.config.attn_backend, document_ids, length, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # [B, L, C]
+        for layer in self.model.layers:
+            if self.config.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attend)
+        return self.lm_head(self.model.norm(x))  # [B, L, vocab]
+
+    # -- sizes -------------------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; non_embedding leaves out the input embedding table (a lookup, no FLOPs).
+        lm_head stays in: it is a matmul like any other layer."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.model.embed_tokens.weight.numel() if non_embedding else total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT:
+        6 * non-embedding params (every weight: one multiply-add forward, two backward) plus
+        12 * layers * hidden * seq_len for the q k^T and attention-weighted-v products (counted in full,
+        as the standard formula does, although causal kernels skip about half)."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.num_layers * c.hidden_size * seq_len
+
+    # -- checkpoints (HF LlamaForCausalLM layout; lvm/hf.py) ----------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, **overrides):
+        """Load an HF Llama directory (single or sharded safetensors). Weights are cast to `dtype`
+        (fp32 by default; "auto" keeps the checkpoint's). `overrides` replace config fields."""
+        from lvm.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, **overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json + model.safetensors that transformers.LlamaForCausalLM loads."""
+        from lvm.hf import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_lightning_checkpoint(cls, path: str | os.PathLike, config: LVMConfig | None = None) -> LVM:
+        """The model inside a training checkpoint (keys `model.` + ours); config from its hparams if None."""
+        from lvm.hf import load_lightning_checkpoint
+
+        return load_lightning_checkpoint(path, config)
