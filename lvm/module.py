@@ -1,0 +1,234 @@
+"""LVM training as a LightningModule: next-token cross entropy on packed rows, optional distillation.
+
+Recipe (LVM, arXiv 2312.00785): AdamW betas (0.9, 0.95), weight decay 0.1 on Linear weights only,
+linear warmup then cosine to a minimum lr, stepped every optimiser step. Gradient clipping,
+precision, accumulation, DDP / FSDP and the number of nodes are the Trainer's (see configs/lvm/).
+
+Distillation (DeLVM, arXiv 2402.04841): a frozen teacher LVM with the same vocabulary adds
+T^2 * KL(teacher || student) on temperature-T softened distributions, scaled by `distill_weight`.
+The teacher is loaded from `teacher_path` and never written into checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
+from torchmetrics import MeanMetric
+
+from data.packing import IGNORE_INDEX
+from lvm import LVM, LVMConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER = "teacher."  # state-dict prefix of the distillation teacher
+
+
+def next_token_targets(labels: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """labels [B, L] -> targets [B, L-1] for logits[:, :-1]: the next token, IGNORE_INDEX where it is
+    padding or belongs to another document (a sentence's first token is not predictable from the last one)."""
+    targets = labels[:, 1:].clone()
+    targets[document_ids[:, 1:] != document_ids[:, :-1]] = IGNORE_INDEX
+    return targets
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """lr multiplier: linear warmup to 1, cosine down to `min_ratio` at `total_steps`, then flat."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LVMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "vqlm_demo",
+        model_overrides: dict | None = None,
+        init_from: str | None = None,
+        learning_rate: float = 1.5e-4,
+        min_learning_rate: float = 3e-5,
+        warmup_steps: int = 8000,
+        decay_steps: int | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        teacher_path: str | None = None,
+        distill_temperature: float = 1.0,
+        distill_weight: float = 1.0,
+        compile: bool = False,
+        peak_flops_per_device: float = 989e12,
+        export_dir: str | None = None,
+    ):
+        """`model`: a preset name (lvm.LVMConfig.from_name) with `model_overrides` applied (e.g.
+        activation_checkpointing, attn_backend); `init_from` starts from a saved LVM instead.
+        `decay_steps`: where the cosine reaches `min_learning_rate` (default: trainer.max_steps).
+        `peak_flops_per_device`: the accelerator's peak FLOP/s for MFU (989e12: H100 SXM dense bf16).
+        `export_dir` receives model.save_pretrained (HF Llama layout) at the end of fit."""
+        super().__init__()
+        self.save_hyperparameters()
+        overrides = model_overrides or {}
+        self.model = LVM.from_pretrained(init_from, **overrides) if init_from else LVM(LVMConfig.from_name(model, **overrides))
+        self.teacher = None
+        if teacher_path:
+            self.teacher = LVM.from_pretrained(teacher_path).eval().requires_grad_(False)
+            if self.teacher.config.vocab_size != self.config.vocab_size:
+                raise ValueError(
+                    f"teacher {teacher_path} has vocab {self.teacher.config.vocab_size}, the student "
+                    f"{self.config.vocab_size}: distillation compares distributions over the same token ids"
+                )
+        self.val_loss = MeanMetric()
+        self._last_batch_end: float | None = None  # wall clock of the previous train batch, for tokens/s
+
+    @property
+    def config(self) -> LVMConfig:
+        return self.model.config
+
+    # -- checks before any compute -----------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if data is not None and hasattr(data, "tokenizer_info"):  # a TokenDataModule
+            self.check_data(data.tokenizer_info["codebook_size"], data.seq_len)
+        if self.hparams.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    def check_data(self, codebook_size: int, seq_len: int) -> None:
+        """Raise if the token data does not fit this model: other image codes, or rows beyond its positions."""
+        if codebook_size != self.config.codebook_size:
+            raise ValueError(
+                f"the token shards come from a tokenizer with {codebook_size} codes, the model "
+                f"{self.config.name} expects {self.config.codebook_size}: token ids would mean different "
+                "things. Tokenize with the model's tokenizer or set model_overrides.codebook_size/vocab_size."
+            )
+        for name, config in (("model", self.config), ("teacher", self.teacher and self.teacher.config)):
+            if config is not None and seq_len > config.max_position_embeddings:
+                raise ValueError(
+                    f"seq_len {seq_len} is longer than the {name}'s max_position_embeddings "
+                    f"{config.max_position_embeddings}: shorten data.seq_len or raise max_position_embeddings."
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Name every tensor that does not fit this model before Lightning tries to load it, and put the
+        teacher (left out when saving) back so strict loading finds it."""
+        found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER)}
+        with torch.device("meta"):  # shapes only, whatever the strategy's sharding
+            expected = {f"model.{k}": tuple(v.shape) for k, v in LVM(self.config).state_dict().items()}
+        problems = [f"{k}: checkpoint {list(found[k])}, model {list(v)}" for k, v in expected.items() if k in found and found[k] != v]
+        problems += [f"{k}: missing from the checkpoint" for k in expected.keys() - found.keys()]
+        problems += [f"{k}: not in the model" for k in found.keys() - expected.keys()]
+        if problems:
+            listing = "\n  ".join(sorted(problems)[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            raise ValueError(
+                f"the checkpoint does not fit the model {self.config.name} ({len(problems)} tensors differ); "
+                f"was it trained with other model / model_overrides?\n  {listing}"
+            )
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for key in [k for k in checkpoint["state_dict"] if k.startswith(TEACHER)]:
+            del checkpoint["state_dict"][key]
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        # Decay Linear weights only: embeddings and norm gains keep their scale (LLaMA practice).
+        # Chosen by module type, not tensor shape, because FSDP flattens parameters.
+        decay = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if id(p) in decay], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
+        total = self.hparams.decay_steps or self.trainer.max_steps
+        if total is None or total < 0:
+            raise ValueError("the cosine schedule needs a length: set trainer.max_steps or model.decay_steps")
+        min_ratio = self.hparams.min_learning_rate / self.hparams.learning_rate
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the gradient norm before clipping (Lightning clips right after this hook)."""
+        squares = [p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
+        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self.log("train/grad_norm", total.sqrt())
+
+    # -- losses --------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"])
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"loss", "ce", and with a teacher "kl"}: means over the predictable target tokens."""
+        targets = next_token_targets(batch["labels"], batch["document_ids"])
+        logits = self(batch)[:, :-1].float()  # fp32 softmax: bf16 log-probs are too coarse for the loss
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if self.teacher is None:
+            return {"loss": ce, "ce": ce}
+        with torch.no_grad():
+            teacher_logits = self.teacher(
+                batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
+            )[:, :-1].float()
+        t, mask = self.hparams.distill_temperature, targets != IGNORE_INDEX
+        teacher_logp = F.log_softmax(teacher_logits[mask] / t, dim=-1)
+        student_logp = F.log_softmax(logits[mask] / t, dim=-1)
+        kl = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")  # KL(teacher || student)
+        return {"loss": ce + self.hparams.distill_weight * t**2 * kl, "ce": ce, "kl": kl}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        parts = self.losses(batch)
+        self.log("train/loss", parts["loss"], prog_bar=True)
+        self.log("train/ppl", parts["ce"].exp())
+        if "kl" in parts:
+            self.log_dict({"train/ce": parts["ce"], "train/kl": parts["kl"]})
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        return parts["loss"]
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """tokens/s over all ranks (padding included) between consecutive batches, and MFU from it."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            seq_len = batch["input_ids"].shape[1]
+            tokens_per_s = batch["input_ids"].numel() * self.trainer.world_size / (now - self._last_batch_end)
+            flops = tokens_per_s * self.model.flops_per_token(seq_len)
+            self.log("train/tokens_per_s", tokens_per_s)
+            self.log("train/mfu", flops / (self.hparams.peak_flops_per_device * self.trainer.world_size))
+        self._last_batch_end = now
+
+    def on_validation_start(self) -> None:
+        self._last_batch_end = None  # validation time is not training throughput
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        parts = self.losses(batch)
+        tokens = (next_token_targets(batch["labels"], batch["document_ids"]) != IGNORE_INDEX).sum()
+        self.val_loss.update(parts["ce"], weight=tokens)  # a token-weighted mean over the whole split
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)  # MeanMetric already reduced over ranks
+        self.log("val/ppl", loss.exp())
+
+    def on_fit_end(self) -> None:
+        if not self.hparams.export_dir:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Every rank takes part in gathering the shards; rank 0 receives the full weights.
+            state = self.trainer.strategy.lightning_module_state_dict()
+            if not self.trainer.is_global_zero:
+                return
+            model = LVM(self.config)
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        elif self.trainer.is_global_zero:
+            model = self.model
+        else:
+            return
+        model.save_pretrained(self.hparams.export_dir)
+        log.info("saved the trained LVM to %s", self.hparams.export_dir)
