@@ -61,7 +61,6 @@ def write_shard(path: str | os.PathLike, samples: Iterable[TokenSample]) -> int:
                     raise ValueError(f"sample {sample.key}: tokens must be uint16 [n_images, tokens_per_image]")
                 writer.write({"__key__": sample.key, "tokens.npy": sample.tokens, "json": sample.meta})
                 count += 1
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; shards are shared with other users' jobs
     return count
 
 

@@ -71,7 +71,8 @@ class VQGANModule(L.LightningModule):
         grid_images: int = 8,
     ):
         """`model`: a preset name (see tokenizer.PRESETS), with `model_overrides` applied; `init_from`
-        starts from pretrained weights instead. `export_dir` receives save_pretrained at the end of fit."""
+        starts from pretrained weights instead. `disc_start`: batches before the PatchGAN joins.
+        `export_dir` receives save_pretrained at the end of fit."""
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
