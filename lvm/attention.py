@@ -27,8 +27,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from data.packing import cu_seqlens
-
 log = logging.getLogger(__name__)
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,6 +116,8 @@ def xformers_bias(document_ids: torch.Tensor | None):
     """The xformers attention bias: LowerTriangularMask, or for packed rows one causal block per
     document over the flattened batch (each row's padding is a block of its own)."""
     from xformers.ops import fmha
+
+    from data.packing import cu_seqlens  # here: `data` pulls in Lightning, which the model does not need
 
     if document_ids is None:
         return fmha.attn_bias.LowerTriangularMask()
