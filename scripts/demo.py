@@ -30,10 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_tokenizer(out: Path, extra_args: list[str]) -> VQGAN:
-    exported = out / "tokenizer" / "vqgan"
+    """configs/tokenizer/demo.yaml through the CLI, its outputs redirected under `out`; resumes from
+    the last checkpoint when a previous run was interrupted."""
+    run = out / "tokenizer"
+    exported = run / "vqgan"
     if not (exported / "model.safetensors").exists():
-        command = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tokenizer/demo.yaml")]
-        subprocess.run([*command, *extra_args], cwd=ROOT, check=True)
+        command = [
+            sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/tokenizer/demo.yaml"),
+            "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+            "--trainer.callbacks.init_args.dirpath", str(run / "checkpoints"), "--model.export_dir", str(exported),
+        ]  # fmt: skip
+        if (run / "checkpoints" / "last.ckpt").exists():
+            command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+        subprocess.run([*command, *extra_args], check=True)
     return VQGAN.from_pretrained(exported)
 
 
@@ -48,7 +57,7 @@ def score_tokenizer(vq: VQGAN, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="must match the demo configs' directories")
+    parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--sentences", type=int, default=256, help="procedural sentences to tokenize")
     parser.add_argument("--tokenizer-args", nargs=argparse.REMAINDER, default=[], help="extra train.py arguments")
     args = parser.parse_args()
