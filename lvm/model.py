@@ -31,8 +31,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with a hand-written backward. Autograd through the composite (pow, mean, rsqrt, two
+    muls) writes about twice as many full-size temporaries, and on CPU these memory-bound passes cost
+    as much as the matmuls of a small model. Saves x and the per-row 1/rms, not the normalised x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd  # [.., C]
+        grad_normed = grad.float() * weight.float()
+        # d/dx of x * rstd(x): rstd * (g - normed * mean(g * normed))
+        dot = torch.linalg.vecdot(grad_normed, normed, dim=-1)[..., None] / x.shape[-1]
+        grad_x = torch.addcmul(grad_normed, normed, dot, value=-1).mul_(rstd).to(x.dtype)
+        grad_weight = (grad.float() * normed.to(x.dtype).float()).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_weight, None
 
 
 class Rotary(nn.Module):
@@ -45,17 +68,18 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]; not in checkpoints
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, L] -> cos, sin [B, L, 1, D] in fp32 (broadcast over heads)."""
+        """position_ids [B, L] -> cos, sin [B, L, 1, D] in fp32 (broadcast over heads); sin carries
+        rotate_half's sign, (-sin, sin), so that applying it needs no negation."""
         freqs = position_ids[..., None].float() * self.inv_freq  # [B, L, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, L, 1, D]
-        return angles.cos(), angles.sin()
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), dim=-1)[:, :, None], torch.cat((-sin, sin), dim=-1)[:, :, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, heads, D] rotated by position; rotate_half(x) = (-x2, x1)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """x [B, L, heads, D] rotated by position: x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1).
+    The halves swap is one roll and the sign lives in `sin`: three elementwise ops, not five."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -121,3 +121,16 @@ def test_convert_lightning_checkpoint(tmp_path, ids):
     )
     converted = LVM.from_pretrained(out)
     assert torch.equal(our_logits(converted, ids), our_logits(model.eval(), ids))
+
+
+def test_gradients_equal_hf(ids):
+    """Our hand-written RMSNorm backward and rotary layout give HF's gradients, parameter by parameter."""
+    hf = random_hf_llama().train()
+    ours = LVM(LVMConfig.from_name("vqlm_tiny"))
+    ours.load_state_dict(hf.state_dict())
+    for logits in (ours(ids), hf(input_ids=ids).logits):
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        reference = hf_grads[name].grad
+        assert (p.grad - reference).abs().max() <= 1e-4 * reference.abs().max(), name
