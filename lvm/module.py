@@ -114,6 +114,8 @@ class LVMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Name every tensor that does not fit this model before Lightning tries to load it, and put the
         teacher (left out when saving) back so strict loading finds it."""
+        if "state_dict" not in checkpoint:  # FSDP sharded checkpoints load their weights apart from this dict
+            return
         found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER)}
         with torch.device("meta"):  # shapes only, whatever the strategy's sharding
             expected = {f"model.{k}": tuple(v.shape) for k, v in LVM(self.config).state_dict().items()}
@@ -213,7 +215,7 @@ class LVMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)  # MeanMetric already reduced over ranks
+        self.log("val/loss", loss, prog_bar=True)  # compute() has already reduced over ranks
         self.log("val/ppl", loss.exp())
 
     def on_fit_end(self) -> None:
