@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from data.photos import embedded_photos
+from data.procedural import TASKS, procedural_analogy, procedural_seeds
 from data.sources import IMAGE_EXTENSIONS, list_images
-from tokenizer.images import fit_to_resolution, load_image, to_rgb
+from tokenizer.images import fit_to_resolution, load_image, to_rgb, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,29 @@ class ImageCrops(Dataset):
         return tensor if self.augment is None else self.augment(tensor)
 
 
+class ProceduralImages(Dataset):
+    """Whole images of the procedural analogy tasks (both sides of each pair, every task in turn), so
+    a tokenizer learns the flat colours, masks and edges the demo's visual sentences are made of.
+    `split` picks disjoint seed ranges: "train" or "heldout"."""
+
+    def __init__(self, split: str, length: int, resolution: int):
+        self.seeds = procedural_seeds(split, length)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        task = TASKS[index % len(TASKS)]
+        x, y = procedural_analogy(task, self.seeds[index], n_shots=1, size=self.resolution).images
+        return to_tensor(y if index // len(TASKS) % 2 else x)[0]
+
+
 class ImageDataModule(L.LightningDataModule):
     """Random crops of the images under `root` (recursive, any PIL-readable format), or of the
-    embedded photos when `root` is None. Validation uses held-out images: the embedded validation
-    photos, or every `val_every`-th file of the folder."""
+    embedded photos when `root` is None, plus a `procedural_fraction` of whole procedural task images.
+    Validation uses held-out images: the embedded validation photos, or every `val_every`-th file of
+    the folder, and `val_procedural` held-out procedural images when procedural ones are trained on."""
 
     def __init__(
         self,
@@ -79,6 +99,8 @@ class ImageDataModule(L.LightningDataModule):
         train_samples_per_epoch: int = 1024,
         val_every: int = 10,
         val_zooms: int = 4,
+        procedural_fraction: float = 0.0,
+        val_procedural: int = 12,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -93,8 +115,12 @@ class ImageDataModule(L.LightningDataModule):
                 raise ValueError(f"no images under {hp.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
             val_images = files[:: hp.val_every]
             train_images = [f for f in files if f not in set(val_images)] or files
-        self.train_set = ImageCrops(train_images, hp.resolution, train=True, length=hp.train_samples_per_epoch)
+        n_procedural = round(hp.train_samples_per_epoch * hp.procedural_fraction)
+        self.train_set = ImageCrops(train_images, hp.resolution, train=True, length=hp.train_samples_per_epoch - n_procedural)
         self.val_set = ImageCrops(val_images, hp.resolution, train=False, zooms=hp.val_zooms)
+        if n_procedural:
+            self.train_set = ConcatDataset([self.train_set, ProceduralImages("train", n_procedural, hp.resolution)])
+            self.val_set = ConcatDataset([self.val_set, ProceduralImages("heldout", hp.val_procedural, hp.resolution)])
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

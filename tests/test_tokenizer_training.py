@@ -61,6 +61,16 @@ def test_embedded_photos_validation_is_held_out():
     assert len(dm.val_set) == 2 * len(dm.val_set.images) and not train_ids & {id(im) for im in dm.val_set.images}
 
 
+def test_procedural_images_join_training_and_validation_from_disjoint_seeds():
+    dm = ImageDataModule(resolution=32, train_samples_per_epoch=40, procedural_fraction=0.25, val_procedural=6)
+    dm.setup()
+    photos, procedural = dm.train_set.datasets
+    held_out = dm.val_set.datasets[1]
+    assert len(photos) == 30 and len(procedural) == 10 and len(held_out) == 6
+    assert not set(procedural.seeds) & set(held_out.seeds)
+    assert procedural[0].shape == (3, 32, 32) and not torch.equal(procedural[0], procedural[1])
+
+
 def test_gan_phase_trains_the_discriminator_with_adaptive_weight(tmp_path):
     L.seed_everything(0)
     module = VQGANModule(**{**TINY, "perceptual_weight": 1.0}, lpips_vgg_weights="random", disc_start=0)
