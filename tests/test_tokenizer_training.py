@@ -84,7 +84,7 @@ def test_gan_phase_trains_the_discriminator_with_adaptive_weight(tmp_path):
     for key in ("train/gan", "train/gan_weight", "train/disc", "train/lpips", "train/l1"):
         assert torch.isfinite(metrics[key]), key
     assert metrics["train/gan_weight"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.discriminator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.discriminator.parameters(), strict=True))
 
 
 def test_lpips_loads_vgg16_weights_from_a_local_path(tmp_path):
