@@ -1,0 +1,245 @@
+"""In-context prompting of an LVM: images -> visual-sentence prompt -> generated tokens -> images.
+
+A prompt is laid out exactly as training sentences are (data/packing.py): `[BOS] img1 img2 ...`,
+each image `tokens_per_image` codes row-major, and the model is asked for `tokens_per_image` new
+codes per image it should produce. BOS can be left out for checkpoints trained without it (the
+released LVM-7B never saw one).
+
+    analogy               [x1, y1, ..., xn, yn, x_query] -> y_query
+    sequence continuation [f1, ..., ft] -> f_{t+1}, ..., f_{t+k}, one frame at a time, each conditioned
+                          on a sliding window of the last `context_frames` frames (15, as LVM does)
+
+    prompter = InContextPrompter(LVM.from_pretrained(dir), VQGAN.from_pretrained(tok_dir))
+    result = prompter.analogy(["x1.png", "y1.png", "x2.png"], num_candidates=4, temperature=1.0)
+    result.save_grid("out.png")   # prompt | generations | ground truth (when given), a row per candidate
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from lvm.model import LVM
+from tokenizer import VQGAN, load_image, to_pil, to_tensor
+from tokenizer.files import atomic_path
+
+ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
+CONTEXT_FRAMES = 15  # LVM's sequence prompting: 15 frames of context + 1 generated = 16 images = 4096 tokens
+
+
+def load_prompt_image(image: ImageLike, what: str = "prompt image") -> Image.Image:
+    """A PIL image, an image file, or a zero-argument callable (data.sentences' lazy images) -> PIL RGB.
+
+    A file that is not an image raises ValueError naming it, instead of PIL's bare error."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return load_image(image)
+        except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some corrupt headers
+            raise ValueError(f"{what} {os.fspath(image)!r} is not a readable image: {error}") from error
+    if callable(image):
+        return image()
+    raise TypeError(f"{what} must be a PIL image, a path or a callable; got {type(image).__name__}")
+
+
+def check_analogy_count(count: int) -> None:
+    """An analogy prompt is example pairs plus one query: an odd number of images, at least 3."""
+    if count < 3 or count % 2 == 0:
+        raise ValueError(
+            f"an analogy prompt needs example pairs plus a query, an odd number of images >= 3 "
+            f"(x1 y1 x2 y2 ... xq); got {count}"
+        )
+
+
+def image_grid(rows: Sequence[Sequence[Sequence[Image.Image]]], gap: int = 2, section_gap: int = 10) -> Image.Image:
+    """Rows of sections of images -> one image; sections (prompt | generation | truth) are set apart by
+    a wider gap so they read as groups. Empty sections take no space; images are shown at their size."""
+    side = max(im.height for row in rows for section in row for im in section)
+    widths = [
+        sum(len(s) * side + (len(s) - 1) * gap for s in row if s) + section_gap * (sum(1 for s in row if s) - 1)
+        for row in rows
+    ]
+    canvas = Image.new("RGB", (max(widths), len(rows) * side + (len(rows) - 1) * gap), "white")
+    for r, row in enumerate(rows):
+        x = 0
+        for section in (s for s in row if s):
+            for im in section:
+                canvas.paste(im, (x, r * (side + gap)))
+                x += side + gap
+            x += section_gap - gap
+    return canvas
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write atomically (a crashed batch job never leaves a half-written grid that looks done)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+@dataclass
+class PromptResult:
+    """What one prompt produced. `tokens` long [candidates, frames, tokens_per_image]."""
+
+    prompt: list[Image.Image]  # the prompt images at the tokenizer resolution (what the model saw)
+    generated: list[list[Image.Image]]  # [candidate][frame], decoded
+    tokens: torch.Tensor
+    truth: list[Image.Image] | None = None  # the known answer / next frames, at the tokenizer resolution
+
+    def grid(self) -> Image.Image:
+        """One row per candidate: prompt | generated frames | ground truth (when known)."""
+        return image_grid([[self.prompt, frames, self.truth or []] for frames in self.generated])
+
+    def save_grid(self, path: str | os.PathLike) -> Path:
+        return save_png(self.grid(), path)
+
+
+class InContextPrompter:
+    """Prompts `model` with images tokenized by `tokenizer`; see the module docstring for the layouts.
+
+    `use_bos=False` for checkpoints trained without BOS. `context_frames` bounds the sliding window of
+    sequence continuation (fewer frames are used when that many would not fit the model's positions).
+    """
+
+    def __init__(self, model: LVM, tokenizer: VQGAN, use_bos: bool = True, context_frames: int = CONTEXT_FRAMES):
+        if model.config.codebook_size != tokenizer.config.codebook_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.config.codebook_size} codes but the model was trained on "
+                f"{model.config.codebook_size}: its token ids would mean different images. Use the tokenizer "
+                "the model's training shards were made with."
+            )
+        if context_frames < 1:
+            raise ValueError(f"context_frames must be >= 1; got {context_frames}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer.eval()
+        self.use_bos = use_bos
+        self.context_frames = context_frames
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.tokenizer.config.tokens_per_image
+
+    @property
+    def resolution(self) -> int:
+        return self.tokenizer.config.resolution
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- images <-> tokens ------------------------------------------------------------------------------
+    def fit_images(self, images: Sequence[ImageLike], what: str = "prompt image") -> list[Image.Image]:
+        """Load and fit images to the tokenizer resolution (square center crop), as training data is."""
+        return [to_pil(to_tensor(load_prompt_image(im, what), self.resolution))[0] for im in images]
+
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images (any size) -> long [n, tokens_per_image] on the model's device."""
+        return self.tokenizer.encode(to_tensor(list(images), self.resolution)).to(self.device)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """long [..., tokens_per_image] -> float [..., 3, H, W] in [0, 1]."""
+        images = self.tokenizer.decode(tokens.reshape(-1, self.tokens_per_image))
+        return images.reshape(*tokens.shape[:-1], *images.shape[1:])
+
+    def prompt_ids(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """long [n_images, tokens_per_image] -> the 1-D prompt `[BOS] img1 .. imgn` (BOS if use_bos)."""
+        ids = image_tokens.reshape(-1)
+        if self.use_bos:
+            ids = torch.cat([ids.new_tensor([self.model.config.bos_id]), ids])
+        return ids
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def window_frames(self) -> int:
+        """How many context frames fit beside one generated frame: context_frames, or fewer for short models."""
+        room = self.model.config.max_position_embeddings - int(self.use_bos) - self.tokens_per_image
+        fits = room // self.tokens_per_image
+        if fits < 1:
+            raise ValueError(
+                f"max_position_embeddings {self.model.config.max_position_embeddings} cannot hold one context "
+                f"image and one generated image of {self.tokens_per_image} tokens"
+            )
+        return min(self.context_frames, fits)
+
+    def check_fits(self, n_images: int) -> None:
+        """An analogy is not windowed (dropping examples changes the task): it must fit whole."""
+        length = int(self.use_bos) + (n_images + 1) * self.tokens_per_image
+        if length > self.model.config.max_position_embeddings:
+            raise ValueError(
+                f"{n_images} prompt images + the answer take {length} tokens, more than the model's "
+                f"max_position_embeddings {self.model.config.max_position_embeddings}; use fewer example pairs"
+            )
+
+    @torch.no_grad()
+    def complete(
+        self,
+        contexts: Sequence[torch.Tensor],
+        n_frames: int = 1,
+        num_candidates: int = 1,
+        window: int | None = None,
+        seed: int | None = None,
+        **sampling,
+    ) -> torch.Tensor:
+        """Generate `n_frames` images after each context, `num_candidates` times, batched.
+
+        contexts: long [n_i, tokens_per_image] each (the prompt images' tokens; lengths may differ).
+        window: condition each new frame on the last `window` frames only (None: all of them).
+        sampling: temperature / top_k / top_p as LVM.generate takes them.
+        Returns long [len(contexts), num_candidates, n_frames, tokens_per_image].
+        """
+        # One row per (context, candidate); each row grows by its own generated frames.
+        rows = [context for context in contexts for _ in range(num_candidates)]
+        for step in range(n_frames):
+            prompts = [self.prompt_ids(row if window is None else row[-window:]) for row in rows]
+            batch = torch.stack(prompts) if len({len(p) for p in prompts}) == 1 else prompts
+            step_seed = None if seed is None else seed + step  # distinct draws for each frame
+            new = self.model.generate(batch, max_new_tokens=self.tokens_per_image, seed=step_seed, **sampling)
+            rows = [torch.cat([row, frame[None]]) for row, frame in zip(rows, new, strict=True)]
+        generated = torch.stack([row[-n_frames:] for row in rows])
+        return generated.reshape(len(contexts), num_candidates, n_frames, self.tokens_per_image)
+
+    def _result(self, prompt: list[Image.Image], tokens: torch.Tensor, truth: list[Image.Image] | None) -> PromptResult:
+        """tokens long [candidates, frames, tokens_per_image] -> decoded PromptResult."""
+        images = self.decode(tokens)
+        return PromptResult(prompt, [to_pil(frames) for frames in images], tokens.cpu(), truth)
+
+    def analogy(
+        self,
+        images: Sequence[ImageLike],
+        num_candidates: int = 1,
+        truth: ImageLike | None = None,
+        **sampling,
+    ) -> PromptResult:
+        """`[x1, y1, ..., xn, yn, xq]` -> candidates for yq. `truth`: the known yq, shown in the grid."""
+        check_analogy_count(len(images))
+        self.check_fits(len(images))
+        prompt = self.fit_images(images)
+        known = None if truth is None else self.fit_images([truth], "ground-truth image")
+        tokens = self.complete([self.encode(prompt)], 1, num_candidates, **sampling)[0]
+        return self._result(prompt, tokens, known)
+
+    def continue_sequence(
+        self,
+        frames: Sequence[ImageLike],
+        n_frames: int = 1,
+        num_candidates: int = 1,
+        truth: Sequence[ImageLike] | None = None,
+        **sampling,
+    ) -> PromptResult:
+        """Frames -> the next `n_frames` frames, sliding a window of the last context frames."""
+        if not frames:
+            raise ValueError("sequence continuation needs at least one frame")
+        if n_frames < 1:
+            raise ValueError(f"n_frames must be >= 1; got {n_frames}")
+        window = self.window_frames()  # checked before any image is loaded or generated
+        prompt = self.fit_images(frames, "frame")
+        known = None if truth is None else self.fit_images(truth, "ground-truth frame")
+        tokens = self.complete([self.encode(prompt)], n_frames, num_candidates, window, **sampling)[0]
+        return self._result(prompt, tokens, known)
