@@ -12,13 +12,14 @@ weights among them, load as they are (lvm/hf.py). B batch, L length, C hidden, H
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lvm import attention
+from lvm import attention, generation
 from lvm.config import LVMConfig
 
 
@@ -160,15 +161,48 @@ class LVM(nn.Module):
         batch, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        cos, sin = self.rotary(position_ids)
         attend = attention.build(self.config.attn_backend, document_ids, length, input_ids.device)
+        x = self._hidden(input_ids, position_ids, [attend] * self.config.num_layers)
+        return self.lm_head(x)  # [B, L, vocab]
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: attention.KVCache, input_pos: torch.Tensor):
+        """A generation step: input_ids long [B, L] go to cache slots input_pos (long [L]); their keys and
+        values are written into `cache` and they attend to everything cached so far. -> logits [B, vocab]
+        of the last position only: generation samples from nothing else, and with a vocabulary of 8292
+        the prefill's full logits would cost more than its last layer."""
+        x = self._hidden(input_ids, cache.positions(input_pos), cache.attends(input_pos, self.config.attn_backend))
+        return self.lm_head(x[:, -1])
+
+    def _hidden(self, input_ids, position_ids, attends: list[attention.Attend]) -> torch.Tensor:
+        """The final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""
+        cos, sin = self.rotary(position_ids)
         x = self.model.embed_tokens(input_ids)  # [B, L, C]
-        for layer in self.model.layers:
+        for layer, attend in zip(self.model.layers, attends, strict=True):
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attend)
-        return self.lm_head(self.model.norm(x))  # [B, L, vocab]
+        return self.model.norm(x)
+
+    # -- generation (lvm/generation.py) --------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | list[torch.Tensor],
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        allowed_ids: torch.Tensor | list[int] | range | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Continue each prompt (long [B, T], or a list of 1-D prompts of different lengths) by
+        max_new_tokens tokens -> long [B, max_new_tokens]. temperature 0 is greedy; only allowed_ids
+        (default: the image codes) are ever produced; seed makes sampling reproducible; callback(step,
+        tokens [B]) runs after each new token. See lvm.generation.generate."""
+        return generation.generate(
+            self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, allowed_ids, callback
+        )
 
     # -- sizes -------------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
