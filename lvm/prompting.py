@@ -16,9 +16,11 @@ released LVM-7B never saw one).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,19 +32,26 @@ from tokenizer.files import atomic_path
 
 ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
 CONTEXT_FRAMES = 15  # LVM's sequence prompting: 15 frames of context + 1 generated = 16 images = 4096 tokens
+MODES = ("analogy", "sequence")
+
+
+def _read_image_file(path: str | os.PathLike, what: str, header_only: bool = False) -> Image.Image | None:
+    """Load an image file (or only check its header); a missing or non-image file raises ValueError naming it."""
+    try:
+        if header_only:
+            Image.open(path).close()
+            return None
+        return load_image(path)
+    except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some corrupt headers
+        raise ValueError(f"{what} {os.fspath(path)!r} is not a readable image: {error}") from error
 
 
 def load_prompt_image(image: ImageLike, what: str = "prompt image") -> Image.Image:
-    """A PIL image, an image file, or a zero-argument callable (data.sentences' lazy images) -> PIL RGB.
-
-    A file that is not an image raises ValueError naming it, instead of PIL's bare error."""
+    """A PIL image, an image file, or a zero-argument callable (data.sentences' lazy images) -> PIL RGB."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
-        try:
-            return load_image(image)
-        except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some corrupt headers
-            raise ValueError(f"{what} {os.fspath(image)!r} is not a readable image: {error}") from error
+        return _read_image_file(image, what)
     if callable(image):
         return image()
     raise TypeError(f"{what} must be a PIL image, a path or a callable; got {type(image).__name__}")
@@ -243,3 +252,87 @@ class InContextPrompter:
         known = None if truth is None else self.fit_images(truth, "ground-truth frame")
         tokens = self.complete([self.encode(prompt)], n_frames, num_candidates, window, **sampling)[0]
         return self._result(prompt, tokens, known)
+
+
+# -- jobs: what scripts/prompt.py runs, one prompt or a jsonl batch ---------------------------------------
+@dataclass
+class PromptJob:
+    """One prompt: its images, where its grid goes, and (optionally) the known answer frames."""
+
+    images: list[str]
+    output: str
+    mode: str = "analogy"
+    truth: list[str] = field(default_factory=list)
+    frames: int = 1  # images to generate (sequence mode; an analogy has one answer)
+
+    def check(self) -> None:
+        """Everything that can be wrong with the job's input, found without loading a model or an image."""
+        if self.mode not in MODES:
+            raise ValueError(f"unknown prompting mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.mode == "analogy":
+            check_analogy_count(len(self.images))
+            if len(self.truth) > 1:
+                raise ValueError(f"an analogy has one answer; got {len(self.truth)} ground-truth images")
+        elif not self.images:
+            raise ValueError("sequence continuation needs at least one frame")
+        for path in self.images:
+            _read_image_file(path, "prompt image", header_only=True)
+        for path in self.truth:
+            _read_image_file(path, "ground-truth image", header_only=True)
+
+    def run(self, prompter: InContextPrompter, num_candidates: int = 1, **sampling) -> PromptResult:
+        if self.mode == "analogy":
+            truth = self.truth[0] if self.truth else None
+            return prompter.analogy(self.images, num_candidates, truth, **sampling)
+        return prompter.continue_sequence(self.images, self.frames, num_candidates, self.truth or None, **sampling)
+
+
+def read_jobs(path: str | os.PathLike, mode: str = "analogy", frames: int = 1) -> list[PromptJob]:
+    """A jsonl of {"images": [...], "output": "grid.png", "truth": [...], "mode": .., "frames": ..} lines
+    (LVM's batch_generation input, plus optional truth); `mode` and `frames` are the defaults for lines
+    without them. Relative paths are relative to the jsonl file. Every job is checked before returning."""
+    base = Path(path).parent
+    jobs = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            job = PromptJob(
+                images=[str(base / p) for p in entry["images"]],
+                output=str(base / entry["output"]),
+                mode=entry.get("mode", mode),
+                truth=[str(base / p) for p in entry.get("truth", [])],
+                frames=int(entry.get("frames", frames)),
+            )
+            job.check()
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: {error!r}") from error
+        jobs.append(job)
+    return jobs
+
+
+# -- command-line options shared by scripts/prompt.py and scripts/eval.py ---------------------------------
+def add_prompter_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--model", required=True, help="LVM directory (HF Llama layout, e.g. save_pretrained)")
+    parser.add_argument("--tokenizer", required=True, help="VQGAN checkpoint directory / file, or a preset name")
+    parser.add_argument("--no-bos", action="store_true", help="prompt without BOS (the released LVM-7B)")
+    parser.add_argument("--context-frames", type=int, default=CONTEXT_FRAMES, help="sequence sliding window")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="LVM weights")
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def prompter_from_args(args: argparse.Namespace) -> InContextPrompter:
+    from data.tokenize import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer).to(args.device)
+    model = LVM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
+    return InContextPrompter(model, tokenizer, use_bos=not args.no_bos, context_frames=args.context_frames)
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
