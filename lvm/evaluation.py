@@ -136,8 +136,10 @@ def score_analogies(
         prompts = [prompter.fit_images(s.prompt) for s in batch]
         answer_images = prompter.fit_images([s.answer for s in batch], "answer image")
         answers = to_tensor(answer_images)  # [B, 3, H, W], already at the tokenizer resolution
-        contexts = [prompter.encode(images) for images in prompts]
-        truth = prompter.encode(answer_images)  # [B, tokens_per_image]
+        # One tokenizer call for the whole batch: prompts then answers, split back afterwards.
+        *contexts, truth = prompter.encode([im for images in prompts for im in images] + answer_images).split(
+            [*map(len, prompts), len(batch)]
+        )  # contexts: [n_i, tokens_per_image] each; truth: [B, tokens_per_image]
         queries = torch.stack([context[-1] for context in contexts])
         # Sampling continues across batches from a moved seed, so batches do not repeat one another's draws.
         options = dict(sampling, temperature=temperature)
@@ -148,7 +150,7 @@ def score_analogies(
             "copy_query": queries,
             "no_context": prompter.complete([c[-1:] for c in contexts], **options)[:, 0, 0],
         }
-        decoded = {m: prompter.decode(p) for m, p in preds.items()}
+        decoded = dict(zip(preds, prompter.decode(torch.stack(list(preds.values()))), strict=True))
         scores = {m: psnr(images, answers).tolist() for m, images in decoded.items()}
         context_of = {"model": contexts, "no_context": [c[-1:] for c in contexts]}
         for i, sentence in enumerate(batch):
