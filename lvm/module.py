@@ -82,7 +82,7 @@ class LVMModule(L.LightningModule):
                     f"{self.config.vocab_size}: distillation compares distributions over the same token ids"
                 )
         self.val_loss = MeanMetric()
-        self._last_batch_end: float | None = None  # wall clock of the previous train batch, for tokens/s
+        self._window: dict | None = None  # the batches timed for tokens/s (see on_train_batch_end)
 
     @property
     def config(self) -> LVMConfig:
@@ -194,18 +194,24 @@ class LVMModule(L.LightningModule):
         return parts["loss"]
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        """tokens/s over all ranks (padding included) between consecutive batches, and MFU from it."""
+        """tokens/s over all ranks (padding included) and MFU from it, averaged over a window of the
+        batches between two logging steps: a single batch's time is too noisy to read."""
         now = time.perf_counter()
-        if self._last_batch_end is not None:
-            seq_len = batch["input_ids"].shape[1]
-            tokens_per_s = batch["input_ids"].numel() * self.trainer.world_size / (now - self._last_batch_end)
-            flops = tokens_per_s * self.model.flops_per_token(seq_len)
-            self.log("train/tokens_per_s", tokens_per_s)
-            self.log("train/mfu", flops / (self.hparams.peak_flops_per_device * self.trainer.world_size))
-        self._last_batch_end = now
+        if self._window is None:  # the first batch (after start or validation) carries their set-up time
+            self._window = {"start": now, "tokens": 0, "batches": 0}
+            return
+        window = self._window
+        window["tokens"] += batch["input_ids"].numel() * self.trainer.world_size
+        window["batches"] += 1
+        tokens_per_s = window["tokens"] / (now - window["start"])
+        flops = tokens_per_s * self.model.flops_per_token(batch["input_ids"].shape[1])
+        self.log("train/tokens_per_s", tokens_per_s)
+        self.log("train/mfu", flops / (self.hparams.peak_flops_per_device * self.trainer.world_size))
+        if window["batches"] >= self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches:
+            self._window = {"start": now, "tokens": 0, "batches": 0}
 
     def on_validation_start(self) -> None:
-        self._last_batch_end = None  # validation time is not training throughput
+        self._window = None  # validation time is not training throughput
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         parts = self.losses(batch)
