@@ -166,43 +166,50 @@ def _flex(document_ids: torch.Tensor | None, length: int, device: torch.device) 
 # -- KV cache (generation) -----------------------------------------------------------------------------
 class KVCache:
     """Keys and values of every layer for generation, preallocated for the whole run:
-    k, v [layers, B, Hkv, S, D]. A step writes its tokens' keys and values in place at their slots and
-    attends over all S slots with a mask, so shapes never change between steps: nothing is reallocated
-    and a compiled decode step is compiled once.
+    k, v [layers, B, Hkv, S, D]. A step copies its tokens' keys and values in place into slots
+    start..stop-1 and attends over slots 0..stop-1 (a view): nothing is reallocated as the text grows.
 
     Rows are left-padded: row b's first `pad[b]` slots are padding, never attended to, and its first
     real token has position 0, so a row generates exactly what its prompt would generate alone.
-    Every backend attends through sdpa's boolean mask here (eager through its own): the masks of
-    the training backends are built for square, full-sequence attention.
+    Every backend attends through sdpa here (eager through its own): the masks of the training
+    backends are built for square, full-sequence attention.
     """
 
     def __init__(self, layers: int, pad: torch.Tensor, length: int, kv_heads: int, head_dim: int, dtype):
         self.pad = pad  # long [B]
+        self.padded = bool(pad.any())
         shape = (layers, pad.shape[0], kv_heads, length, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
         self.v = torch.zeros_like(self.k)
-        self.slots = torch.arange(length, device=pad.device)
 
-    def positions(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """long [B, L] rotary positions of the tokens at slots input_pos (padding gets 0)."""
-        return (input_pos[None] - self.pad[:, None]).clamp(min=0)
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """long [B, L] rotary positions of the tokens at slots start..stop-1 (padding gets 0)."""
+        slots = torch.arange(start, stop, device=self.pad.device)
+        return (slots[None] - self.pad[:, None]).clamp(min=0)
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """bool [B, 1, L, S]: a query sees the real tokens at or before its slot. A padding query sees
-        itself, so that no softmax row is empty (its output is never used)."""
-        keys, queries = self.slots[None, None], input_pos[None, :, None]
+    def mask(self, start: int, stop: int) -> torch.Tensor:
+        """bool [B, 1, L, stop]: a query sees the real tokens at or before its slot. A padding query
+        sees itself, so that no softmax row is empty (its output is never used)."""
+        keys = torch.arange(stop, device=self.pad.device)[None, None]
+        queries = torch.arange(start, stop, device=self.pad.device)[None, :, None]
         real = keys >= self.pad[:, None, None]
         return ((keys <= queries) & real | (keys == queries))[:, None]
 
-    def attends(self, input_pos: torch.Tensor, backend: str) -> list[Attend]:
-        """One attend per layer: it stores the new k, v at input_pos, then attends over the layer's cache."""
-        mask = self.mask(input_pos)
+    def attends(self, start: int, stop: int, backend: str) -> list[Attend]:
+        """One attend per layer: it stores the new k, v at slots start..stop-1, then attends over the
+        layer's slots 0..stop-1."""
+        if backend == "eager":
+            kernel = functools.partial(_eager, mask=self.mask(start, stop))
+        elif not self.padded and (start == 0 or stop - start == 1):
+            # Without padding a prefill is plain causal attention (sdpa then skips the masked half) and
+            # a single new token sees every slot so far: no mask to build or read.
+            kernel = functools.partial(F.scaled_dot_product_attention, is_causal=start == 0, enable_gqa=True)
+        else:
+            kernel = functools.partial(F.scaled_dot_product_attention, attn_mask=self.mask(start, stop), enable_gqa=True)
 
         def attend(q, k, v, layer):
-            self.k[layer].index_copy_(2, input_pos, k)
-            self.v[layer].index_copy_(2, input_pos, v)
-            if backend == "eager":
-                return _eager(q, self.k[layer], self.v[layer], mask)
-            return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=mask, enable_gqa=True)
+            self.k[layer, :, :, start:stop] = k
+            self.v[layer, :, :, start:stop] = v
+            return kernel(q, self.k[layer, :, :, :stop], self.v[layer, :, :, :stop])
 
         return [functools.partial(attend, layer=i) for i in range(self.k.shape[0])]

@@ -70,14 +70,13 @@ def generate(
     cache = KVCache(
         config.num_layers, prompt.pad, length, config.num_kv_heads, config.head_dim, model.lm_head.weight.dtype
     )
-    slots = torch.arange(length, device=device)
     was_training = model.training
     model.eval()
     try:
-        logits = model.forward_cached(prompt.ids, cache, slots[:prompt_length])
+        logits = model.forward_cached(prompt.ids, cache, start=0)
         for step in range(max_new_tokens):
-            if step:  # feed the previous token at its slot
-                logits = model.forward_cached(new[:, step - 1 : step], cache, slots[prompt_length + step - 1 :][:1])
+            if step:  # feed the previous token at the slot after the prompt and the tokens before it
+                logits = model.forward_cached(new[:, step - 1 : step], cache, start=prompt_length + step - 1)
             new[:, step] = sample(logits, allowed, temperature, top_k, top_p, generator)
             if callback is not None:
                 callback(step, new[:, step])

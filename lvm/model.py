@@ -165,13 +165,14 @@ class LVM(nn.Module):
         x = self._hidden(input_ids, position_ids, [attend] * self.config.num_layers)
         return self.lm_head(x)  # [B, L, vocab]
 
-    def forward_cached(self, input_ids: torch.Tensor, cache: attention.KVCache, input_pos: torch.Tensor):
-        """A generation step: input_ids long [B, L] go to cache slots input_pos (long [L]); their keys and
+    def forward_cached(self, input_ids: torch.Tensor, cache: attention.KVCache, start: int) -> torch.Tensor:
+        """A generation step: input_ids long [B, L] go to cache slots start..start+L-1; their keys and
         values are written into `cache` and they attend to everything cached so far. -> logits [B, vocab]
         of the last position only: generation samples from nothing else, and with a vocabulary of 8292
         the prefill's full logits would cost more than its last layer."""
-        x = self._hidden(input_ids, cache.positions(input_pos), cache.attends(input_pos, self.config.attn_backend))
-        return self.lm_head(x[:, -1])
+        stop = start + input_ids.shape[1]
+        attends = cache.attends(start, stop, self.config.attn_backend)
+        return self.lm_head(self._hidden(input_ids, cache.positions(start, stop), attends)[:, -1])
 
     def _hidden(self, input_ids, position_ids, attends: list[attention.Attend]) -> torch.Tensor:
         """The final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""
