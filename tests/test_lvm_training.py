@@ -259,7 +259,7 @@ def cli_run(tmp_path, shards, extra_args=(), extra_env=None) -> subprocess.Popen
             ],
         },
         "model": {"init_args": {**TINY, "warmup_steps": 2, "export_dir": str(tmp_path / "hf")}},
-        "data": {"init_args": {**DATA, "train": shards, "val_fraction": 0.0, "batch_size": 1}},
+        "data": {"init_args": {**DATA, "train": shards, "val": None, "val_fraction": 0.0, "batch_size": 1}},
     }  # fmt: skip
     (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
     command = [sys.executable, "train.py", "fit", "--config", "configs/lvm/demo.yaml", "--config", str(tmp_path / "overlay.yaml")]
