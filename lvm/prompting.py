@@ -315,7 +315,7 @@ def read_jobs(path: str | os.PathLike, mode: str = "analogy", frames: int = 1) -
 # -- command-line options shared by scripts/prompt.py and scripts/eval.py ---------------------------------
 def add_prompter_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("--model", required=True, help="LVM directory (HF Llama layout, e.g. save_pretrained)")
-    parser.add_argument("--tokenizer", required=True, help="VQGAN checkpoint directory / file, or a preset name")
+    parser.add_argument("--tokenizer", required=True, help="VQGAN checkpoint (own dir, taming .ckpt, open-muse dir)")
     parser.add_argument("--no-bos", action="store_true", help="prompt without BOS (the released LVM-7B)")
     parser.add_argument("--context-frames", type=int, default=CONTEXT_FRAMES, help="sequence sliding window")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -327,9 +327,7 @@ def add_prompter_arguments(parser: argparse.ArgumentParser, temperature: float) 
 
 
 def prompter_from_args(args: argparse.Namespace) -> InContextPrompter:
-    from data.tokenize import load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer).to(args.device)
+    tokenizer = VQGAN.from_pretrained(args.tokenizer).to(args.device)
     model = LVM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device)
     return InContextPrompter(model, tokenizer, use_bos=not args.no_bos, context_frames=args.context_frames)
 
