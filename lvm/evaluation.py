@@ -151,7 +151,7 @@ def score_analogies(
             "no_context": prompter.complete([c[-1:] for c in contexts], **options)[:, 0, 0],
         }
         decoded = dict(zip(preds, prompter.decode(torch.stack(list(preds.values()))), strict=True))
-        scores = {m: psnr(images, answers).tolist() for m, images in decoded.items()}
+        scores = {m: psnr(images, answers.to(images.device)).tolist() for m, images in decoded.items()}
         context_of = {"model": contexts, "no_context": [c[-1:] for c in contexts]}
         for i, sentence in enumerate(batch):
             tallies = (overall, per_task[sentence.task])

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from lvm.model import LVM
-from tokenizer import VQGAN, load_image, to_pil, to_tensor
+from tokenizer import VQGAN, fit_to_resolution, load_image, to_pil, to_tensor
 from tokenizer.files import atomic_path
 
 ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
@@ -147,7 +147,7 @@ class InContextPrompter:
     # -- images <-> tokens ------------------------------------------------------------------------------
     def fit_images(self, images: Sequence[ImageLike], what: str = "prompt image") -> list[Image.Image]:
         """Load and fit images to the tokenizer resolution (square center crop), as training data is."""
-        return [to_pil(to_tensor(load_prompt_image(im, what), self.resolution))[0] for im in images]
+        return [fit_to_resolution(load_prompt_image(im, what), self.resolution) for im in images]
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any size) -> long [n, tokens_per_image] on the model's device."""
