@@ -203,6 +203,8 @@ class InContextPrompter:
         sampling: temperature / top_k / top_p as LVM.generate takes them.
         Returns long [len(contexts), num_candidates, n_frames, tokens_per_image].
         """
+        if n_frames < 1 or num_candidates < 1:
+            raise ValueError(f"n_frames and num_candidates must be >= 1; got {n_frames} and {num_candidates}")
         # One row per (context, candidate); each row grows by its own generated frames.
         rows = [context for context in contexts for _ in range(num_candidates)]
         for step in range(n_frames):
@@ -245,8 +247,6 @@ class InContextPrompter:
         """Frames -> the next `n_frames` frames, sliding a window of the last context frames."""
         if not frames:
             raise ValueError("sequence continuation needs at least one frame")
-        if n_frames < 1:
-            raise ValueError(f"n_frames must be >= 1; got {n_frames}")
         window = self.window_frames()  # checked before any image is loaded or generated
         prompt = self.fit_images(frames, "frame")
         known = None if truth is None else self.fit_images(truth, "ground-truth frame")
