@@ -35,6 +35,9 @@ from lvm.model import LVM
 
 ROOT = Path(__file__).resolve().parents[1]
 CHINCHILLA_CSV = ROOT / "data" / "reference" / "chinchilla_svg_extracted_data.csv"
+# Published fits of L(N, D) on those runs (data/reference/SOURCE.md).
+EPOCH_AI_FIT = dict(E=1.817, A=482.0, B=2085.4, alpha=0.348, beta=0.366)  # the 240 runs load_chinchilla gives
+HOFFMANN_FIT = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Chinchilla paper, on its full data
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
