@@ -106,31 +106,30 @@ def _minimise(starts: np.ndarray, log_x: np.ndarray, log_loss: np.ndarray, delta
     return best.x
 
 
-def _fit(log_x, log_loss, grid, delta, bootstrap, level, seed) -> tuple[np.ndarray, np.ndarray | None]:
-    """Best parameters over the grid, and the bootstrap percentile interval [2, n_params] (None if
-    bootstrap=0). Each resample restarts only from the full-data optimum: the grid would multiply the
-    cost by its size, and the resampled optimum lies near the full one."""
-    theta = _minimise(grid.starts(log_x.shape[1]), log_x, log_loss, delta)
-    if not bootstrap:
-        return theta, None
-    rng = np.random.default_rng(seed)
+def _fit(inputs: Sequence, loss, names: Sequence[str], grid: Grid | None, delta: float, bootstrap: int,
+         level: float, seed: int) -> dict:  # fmt: skip
+    """Fit log L = LSE(e, a_j - slope_j log inputs_j) over the grid; returns {name: value} for `names`
+    in the order (E, the A_j, the slopes) with E = exp(e), A_j = exp(a_j), plus "intervals": the
+    bootstrap percentile interval of each (none if bootstrap=0). Each resample restarts only from the
+    full-data optimum: the grid would multiply the cost by its size, and the resampled optimum lies near."""
+    log_x = np.log(np.stack([np.asarray(x, dtype=float) for x in inputs], axis=1))  # [n, k]
+    log_loss = np.log(np.asarray(loss, dtype=float))
+    theta = _minimise((grid or Grid()).starts(len(inputs)), log_x, log_loss, delta)
     draws = []
+    rng = np.random.default_rng(seed)
     for _ in range(bootstrap):
         rows = rng.integers(0, len(log_loss), len(log_loss))
         draws.append(_minimise(theta[None], log_x[rows], log_loss[rows], delta))
-    tail = 100 * (1 - level) / 2
-    return theta, np.percentile(np.array(draws), [tail, 100 - tail], axis=0)
 
+    def natural(values: np.ndarray) -> np.ndarray:  # increasing, so it also maps interval ends to ends
+        return np.concatenate([np.exp(values[..., : 1 + len(inputs)]), values[..., 1 + len(inputs) :]], axis=-1)
 
-def _intervals(names: Sequence[str], transforms, bounds: np.ndarray | None) -> dict[str, tuple[float, float]]:
-    if bounds is None:
-        return {}
-    # Each transform (exp or identity) is increasing, so it maps the interval's ends to the ends.
-    return {n: (float(f(lo)), float(f(hi))) for n, f, lo, hi in zip(names, transforms, *bounds, strict=True)}
-
-
-def _columns(*arrays) -> np.ndarray:
-    return np.log(np.stack([np.asarray(a, dtype=float) for a in arrays], axis=1))
+    fitted = dict(zip(names, natural(theta).tolist(), strict=True))
+    if draws:
+        tail = 100 * (1 - level) / 2
+        low, high = natural(np.percentile(np.array(draws), [tail, 100 - tail], axis=0))
+        fitted["intervals"] = {n: (float(lo), float(hi)) for n, lo, hi in zip(names, low, high, strict=True)}
+    return fitted
 
 
 @dataclasses.dataclass
@@ -149,9 +148,7 @@ class ComputeLaw:
 def fit_compute_law(compute, loss, grid: Grid | None = None, delta: float = 1e-3, bootstrap: int = 0,
                     level: float = 0.95, seed: int = 0) -> ComputeLaw:  # fmt: skip
     """Fit L = E + a C^-b to (training FLOPs, final loss) pairs."""
-    theta, bounds = _fit(_columns(compute), np.log(loss), grid or Grid(), delta, bootstrap, level, seed)
-    e, log_a, b = theta
-    return ComputeLaw(float(np.exp(e)), float(np.exp(log_a)), float(b), _intervals("E a b".split(), (np.exp, np.exp, float), bounds))
+    return ComputeLaw(**_fit([compute], loss, ("E", "a", "b"), grid, delta, bootstrap, level, seed))
 
 
 @dataclasses.dataclass
@@ -181,10 +178,8 @@ class ChinchillaLaw:
 def fit_chinchilla(params, tokens, loss, grid: Grid | None = None, delta: float = 1e-3, bootstrap: int = 0,
                    level: float = 0.95, seed: int = 0) -> ChinchillaLaw:  # fmt: skip
     """Chinchilla's approach 3 on runs of N parameters trained on D tokens to final loss L."""
-    theta, bounds = _fit(_columns(params, tokens), np.log(loss), grid or Grid(), delta, bootstrap, level, seed)
-    e, a, b, alpha, beta = theta
-    intervals = _intervals("E A B alpha beta".split(), (np.exp, np.exp, np.exp, float, float), bounds)
-    return ChinchillaLaw(float(np.exp(e)), float(np.exp(a)), float(np.exp(b)), float(alpha), float(beta), intervals)
+    names = ("E", "A", "B", "alpha", "beta")
+    return ChinchillaLaw(**_fit([params, tokens], loss, names, grid, delta, bootstrap, level, seed))
 
 
 def isoflop_minima(params, compute, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -250,11 +245,6 @@ def _run_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def _model_config(config: dict) -> LVMConfig:
-    init = config["model"]["init_args"]
-    return LVMConfig.from_name(init["model"], **(init.get("model_overrides") or {}))
-
-
 def tokens_per_step(config: dict) -> int:
     """Tokens in one optimiser step (padding included, as in the throughput logs) of a saved run config."""
     data, trainer = config["data"]["init_args"], config["trainer"]
@@ -279,7 +269,8 @@ def run_record(run_dir: str | Path) -> dict:
     """One table row from a finished run's logs: its config.yaml and metrics.csv."""
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
-    model, steps = _model_config(config), config["trainer"]["max_steps"]
+    init, steps = config["model"]["init_args"], config["trainer"]["max_steps"]
+    model = LVMConfig.from_name(init["model"], **(init.get("model_overrides") or {}))
     metrics = _metrics(run_dir)
     last = {key: float(r[key]) for r in metrics for key in ("train/loss", "val/loss") if r.get(key)}  # latest wins
     tokens = steps * tokens_per_step(config)
@@ -345,9 +336,10 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
 def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int], config: str = "configs/lvm/demo.yaml",
           log_every: int = 1, train_args: Sequence[str] = (), progress=print) -> list[dict]:  # fmt: skip
     """Train every (hidden, layers) size for every number of steps under out/runs/, skipping runs that
-    finished before, and write out/sweep.csv with one row per run (COLUMNS). Returns the rows."""
+    finished before, and write out/sweep.csv with one row per run (COLUMNS). Returns the rows.
+    A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
     out = Path(out).resolve()
-    config = str((ROOT / config) if not Path(config).is_absolute() else config)
+    config = str(ROOT / config)  # train.py runs in the repository: relative paths are relative to it
     rows = []
     for (hidden, layers), n in itertools.product(sizes, steps):
         run_dir = out / "runs" / f"h{hidden}-l{layers}-s{n}"
