@@ -111,7 +111,7 @@ def test_cli_fit_with_csv_logger_resumes_and_exports(tmp_path):
         "--trainer.callbacks.init_args.dirpath", str(run / "checkpoints"),
         "--trainer.callbacks.init_args.every_n_train_steps", "4",
         "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
-        "--model.model_overrides", "{resolution: 32, channel_mult: [1, 2, 2]}", "--model.disc_start", "2",
+        "--model.disc_start", "2",
         "--model.export_dir", str(run / "vqgan"),
         "--data.resolution", "32", "--data.batch_size", "2", "--data.num_workers", "0",
         "--data.train_samples_per_epoch", "40", "--data.val_zooms", "1",
@@ -135,11 +135,12 @@ def test_cli_fit_with_csv_logger_resumes_and_exports(tmp_path):
 
 
 def test_small_vqgan_learns_the_embedded_photos(tmp_path):
-    """A few hundred steps on CPU: held-out L1 at least halves and most of a 512-code book is in use."""
+    """The demo preset, a few hundred steps on CPU: held-out L1 at least halves and most of its
+    512-code book is in use."""
     L.seed_everything(0)
     steps = 600
     module = VQGANModule(
-        model="vqgan_demo", model_overrides={"resolution": 32, "channel_mult": [1, 2, 2]},
+        model="vqgan_demo",
         perceptual_weight=0.0, disc_start=10**9, learning_rate=1e-3, betas=(0.9, 0.99),
     )  # fmt: skip
     data = ImageDataModule(resolution=32, batch_size=8, train_samples_per_epoch=8 * steps, val_zooms=1)
