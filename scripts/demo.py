@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("segmentation", "recolor", "edges", "colorize")
 PAIRS_PER_SENTENCE = 4  # 8 images x 64 tokens + BOS/EOS = 514 tokens: two sentences fill a 1028-token row
 
-FULL = dict(train_sentences=800, val_sentences=64, eval_per_task=8, tokenizer_args=[], lvm_args=[])
+FULL = dict(train_sentences=1600, val_sentences=64, eval_per_task=16, tokenizer_args=[], lvm_args=[])
 SMOKE = dict(
     train_sentences=16, val_sentences=8, eval_per_task=1,
     tokenizer_args=["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
