@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("== 4/4 score held-out analogies", flush=True)
     # held-out seeds: never in the training shards (the validation shards share the range, never trained on)
     sentences = heldout_analogies(TASKS, settings["eval_per_task"], PAIRS_PER_SENTENCE, vq.config.resolution)
-    scores = score_analogies(InContextPrompter(model, vq), sentences, grid_dir=out / "grids", progress=True)
+    sentences.sort(key=lambda sentence: sentence.meta["seed"])  # tasks take turns, so the grids show each
+    prompter = InContextPrompter(model, vq)
+    scores = score_analogies(prompter, sentences, grid_dir=out / "grids", num_grids=2 * len(TASKS), progress=True)
     metrics.update(scores)
 
     with atomic_path(out / "metrics.json") as tmp:
