@@ -26,8 +26,6 @@ ours in fp32. Exits with status 1 when our fp32 codes differ from taming's.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import statistics
 import sys
@@ -39,12 +37,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from taming.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
 from taming.modules.vqvae.quantize import VectorQuantizer2  # noqa: E402
 from torch import nn  # noqa: E402
 
 from data.photos import embedded_photos  # noqa: E402
 from tokenizer import VQGAN, VQGANConfig, to_tensor  # noqa: E402
+from tokenizer.model import taming_encoder_decoder  # noqa: E402
 
 PRESET = "vqgan_f16_8192"
 RESOLUTION = 256
@@ -55,24 +53,7 @@ class TamingVQGAN(nn.Module):
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
-        shape = dict(
-            ch=config.base_channels,
-            out_ch=config.in_channels,
-            ch_mult=config.channel_mult,
-            num_res_blocks=config.num_res_blocks,
-            attn_resolutions=config.attn_resolutions,
-            dropout=config.dropout,
-            in_channels=config.in_channels,
-            resolution=config.resolution,
-            z_channels=config.z_channels,
-            double_z=False,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints its latent shape
-            self.encoder = Encoder(**shape)
-            self.decoder = Decoder(**shape)
-        if not config.mid_attention:  # as our VQGAN does
-            self.encoder.mid.attn_1 = nn.Identity()
-            self.decoder.mid.attn_1 = nn.Identity()
+        self.encoder, self.decoder = taming_encoder_decoder(config)  # plain taming modules, same shape
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.quantize = VectorQuantizer2(
             config.codebook_size, config.embed_dim, beta=config.commitment, legacy=False

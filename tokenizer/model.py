@@ -17,6 +17,29 @@ from tokenizer.files import atomic_path
 from tokenizer.quantizer import Quantizer
 
 
+def taming_encoder_decoder(config: VQGANConfig) -> tuple[Encoder, Decoder]:
+    """taming's Encoder and Decoder in the shape of `config` (mid-block attention replaced by identity
+    when `mid_attention` is off, the layout of the released LVM tokenizer)."""
+    shape = dict(
+        ch=config.base_channels,
+        out_ch=config.in_channels,
+        ch_mult=config.channel_mult,
+        num_res_blocks=config.num_res_blocks,
+        attn_resolutions=config.attn_resolutions,
+        dropout=config.dropout,
+        in_channels=config.in_channels,
+        resolution=config.resolution,
+        z_channels=config.z_channels,
+        double_z=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints its latent shape
+        encoder, decoder = Encoder(**shape), Decoder(**shape)
+    if not config.mid_attention:
+        encoder.mid.attn_1 = nn.Identity()
+        decoder.mid.attn_1 = nn.Identity()
+    return encoder, decoder
+
+
 class VQGAN(nn.Module):
     """Images <-> discrete codes.
 
@@ -30,24 +53,7 @@ class VQGAN(nn.Module):
     def __init__(self, config: VQGANConfig):
         super().__init__()
         self.config = config
-        shape = dict(
-            ch=config.base_channels,
-            out_ch=config.in_channels,
-            ch_mult=config.channel_mult,
-            num_res_blocks=config.num_res_blocks,
-            attn_resolutions=config.attn_resolutions,
-            dropout=config.dropout,
-            in_channels=config.in_channels,
-            resolution=config.resolution,
-            z_channels=config.z_channels,
-            double_z=False,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # taming's Decoder prints its latent shape
-            self.encoder = Encoder(**shape)
-            self.decoder = Decoder(**shape)
-        if not config.mid_attention:
-            self.encoder.mid.attn_1 = nn.Identity()
-            self.decoder.mid.attn_1 = nn.Identity()
+        self.encoder, self.decoder = taming_encoder_decoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.quantize = Quantizer(
             config.codebook_size,
