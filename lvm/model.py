@@ -12,7 +12,6 @@ weights among them, load as they are (lvm/hf.py). B batch, L length, C hidden, H
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -185,25 +184,8 @@ class LVM(nn.Module):
                 x = layer(x, cos, sin, attend)
         return self.model.norm(x)
 
-    # -- generation (lvm/generation.py) --------------------------------------------------------------------
-    def generate(
-        self,
-        prompt_ids: torch.Tensor | list[torch.Tensor],
-        max_new_tokens: int = 256,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        allowed_ids: torch.Tensor | list[int] | range | None = None,
-        callback: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Continue each prompt (long [B, T], or a list of 1-D prompts of different lengths) by
-        max_new_tokens tokens -> long [B, max_new_tokens]. temperature 0 is greedy; only allowed_ids
-        (default: the image codes) are ever produced; seed makes sampling reproducible; callback(step,
-        tokens [B]) runs after each new token. See lvm.generation.generate."""
-        return generation.generate(
-            self, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, allowed_ids, callback
-        )
+    # -- generation: prefill + KV-cache decoding, see lvm/generation.py ------------------------------------
+    generate = generation.generate  # model.generate(prompt_ids, max_new_tokens=256, temperature=1.0, ...)
 
     # -- sizes -------------------------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
