@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lvm import attention
+from lvm.checkpoints import check_state_dict, read_state_dict, save_pretrained_dir
 from lvm.config import ATTN_BACKENDS, LVMConfig
 from lvm.model import Block, RMSNorm, SwiGLU
-from tokenizer.files import atomic_path
 
 CHANNELS = 3
 
@@ -263,28 +262,18 @@ class AIM(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.num_layers * c.hidden_size * (seq_len or c.num_patches)
 
-    # -- checkpoints: config.json + model.safetensors ---------------------------------------------------------
+    # -- checkpoints: config.json + model.safetensors (lvm/checkpoints.py) ----------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        with atomic_path(directory / "config.json") as tmp:
-            Path(tmp).write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_pretrained_dir(directory, self.config.to_dict(), self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> AIM:
+        """A directory save_pretrained wrote; `overrides` replace config fields (e.g. attn_backend)."""
         directory = Path(directory)
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"{directory} has no config.json: not a directory AIM.save_pretrained wrote")
         model = cls(AIMConfig(**{**json.loads((directory / "config.json").read_text()), **overrides}))
-        state = load_file(directory / "model.safetensors")
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
-            differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-            raise ValueError(f"{directory} does not fit {model.config.name}: tensors " + ", ".join(
-                f"{k} (model {expected.get(k)}, file {found.get(k)})" for k in differ[:10]))  # fmt: skip
+        state = read_state_dict(directory)
+        check_state_dict(model.state_dict(), state, str(directory), hint="was it saved with other AIMConfig fields?")
         model.load_state_dict(state)
         return model
