@@ -119,8 +119,8 @@ PRESETS: dict[str, AIMConfig] = {
         AIMConfig("aim_3b", hidden_size=3072, num_layers=24, num_heads=24),
         AIMConfig("aim_7b", hidden_size=4096, num_layers=32, num_heads=32),
         # CPU demo: 32x32 images (the demo tokenizer's) in 64 patches of 4x4.
-        AIMConfig("aim_demo", image_size=32, patch_size=4, hidden_size=192, num_layers=4, num_heads=4,
-                  head_blocks=2, head_width=192),  # fmt: skip
+        AIMConfig("aim_demo", image_size=32, patch_size=4, hidden_size=128, num_layers=4, num_heads=4,
+                  head_blocks=1, head_width=128),  # fmt: skip
         # Tests: 16 patches, two layers.
         AIMConfig("aim_tiny", image_size=16, patch_size=4, hidden_size=64, num_layers=2, num_heads=4,
                   head_blocks=1, head_width=32),  # fmt: skip
