@@ -20,13 +20,23 @@ FAMILIES = {
 
 
 def _prefixes(family: str) -> list[tuple[str, str]]:
+    """(theirs, ours) prefix pairs; for each part the layout transformers writes comes first (LLaVA and
+    InternVL are still written in their 4.x layout, `language_model.model.*`, for older readers), then
+    the other layout, which loads too."""
     tower, projector, text = FAMILIES[family][:3]
-    return [
+    legacy = [
+        (f"{tower}.", "encoder.tower."),
+        (f"{projector}.", "connector."),
+        (f"{text}.model.", "llm.model.model."),
+        (f"{text}.lm_head.", "llm.model.lm_head."),
+    ]
+    current = [
         (f"model.{tower}.", "encoder.tower."),
         (f"model.{projector}.", "connector."),
         (f"model.{text}.", "llm.model.model."),
         ("lm_head.", "llm.model.lm_head."),
     ]
+    return legacy + current if family in ("llava", "internvl") else current
 
 
 def _rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -49,7 +59,11 @@ def state_from_hf(family: str, state: dict[str, torch.Tensor], config) -> dict[s
 
 
 def state_to_hf(family: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _rename(state, [(new, old) for old, new in _prefixes(family)])
+    """Our names -> the layout transformers writes for the family (the first pair for each of ours)."""
+    first: dict[str, str] = {}
+    for old, new in _prefixes(family):
+        first.setdefault(new, old)
+    return _rename(state, [(new, old) for new, old in first.items()])
 
 
 def _tied(hf: dict) -> bool:
@@ -71,7 +85,7 @@ def config_from_hf(hf: dict):
         encoder = {"kind": "hf", "config": vision, "feature_layer": layer,
                    "select": hf.get("vision_feature_select_strategy", "default")}
         options = {"projector_hidden_act": hf.get("projector_hidden_act", "gelu"),
-                   "bias": hf.get("multimodal_projector_bias", True)}
+                   "multimodal_projector_bias": hf.get("multimodal_projector_bias", True)}
     elif family == "internvl":
         encoder = {"kind": "hf", "config": vision, "feature_layer": hf.get("vision_feature_layer", -1),
                    "select": hf.get("vision_feature_select_strategy", "default")}
@@ -83,6 +97,7 @@ def config_from_hf(hf: dict):
         options = {k: perceiver[k] for k in ("resampler_n_latents", "resampler_depth", "resampler_n_heads",
                                              "resampler_head_dim", "num_key_value_heads", "hidden_act", "rms_norm_eps")
                    if k in perceiver}
+        options |= {"intermediate_size": text["intermediate_size"], "projection_act": text.get("hidden_act", "silu")}
     image_token_id = hf.get("image_token_id", hf.get("image_token_index"))
     return VLMConfig(
         encoder=encoder,

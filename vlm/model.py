@@ -188,11 +188,22 @@ class VLM(nn.Module):
         from lvm.checkpoints import save_pretrained_dir
         from vlm import hf_families
 
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = _unshared(self.state_dict())
         if self.config.family == "own":
             save_pretrained_dir(directory, self.config.to_dict(), tensors)
         else:
             save_pretrained_dir(directory, self.config.family_config, hf_families.state_to_hf(self.config.family, tensors))
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): later sharers get their own copy."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
 
 
 def _drop_padding_images(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None):
