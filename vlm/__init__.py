@@ -1,0 +1,1 @@
+"""The VLM connector pipeline: vision encoders, connectors, splicing, tiling, HF family checkpoints."""
