@@ -26,7 +26,14 @@ from PIL import Image
 
 from data.procedural import TASKS, moving_shapes, procedural_analogy, procedural_seeds
 from lvm import LVM
-from lvm.prompting import InContextPrompter, PromptResult, check_analogy_count, load_prompt_image, save_png
+from lvm.prompting import (
+    CONTEXT_FRAMES,
+    InContextPrompter,
+    PromptResult,
+    check_analogy_count,
+    load_prompt_image,
+    save_png,
+)
 from tokenizer import VQGAN
 
 DEMO_LVM, DEMO_TOKENIZER = "runs/demo/lvm/export", "runs/demo/tokenizer/export"  # where `make demo` exports
@@ -62,7 +69,9 @@ def read_uploads(files: list[str] | None, what: str) -> list[Image.Image]:
         try:
             images.append(load_prompt_image(path, what))
         except ValueError:
-            raise ValueError(f"{Path(path).name!r} is not an image file (PNG, JPEG, ...): remove it") from None
+            raise ValueError(
+                f"{Path(path).name!r} is not an image file (PNG, JPEG, ...): remove it"
+            ) from None
     return images
 
 
@@ -89,7 +98,9 @@ class App:
 
     def _save(self, images: list[Image.Image], kind: str, names: list[str]) -> list[str]:
         directory = self._new_dir(kind)
-        return [str(save_png(image, directory / f"{name}.png")) for image, name in zip(images, names, strict=True)]
+        return [
+            str(save_png(image, directory / f"{name}.png")) for image, name in zip(images, names, strict=True)
+        ]
 
     def _sampling(self, temperature, top_k, seed, total: int, progress) -> dict:
         return {
@@ -130,9 +141,13 @@ class App:
     def analogy_preset(self, task: str, index: float, pairs: float):
         """A held-out procedural analogy (seeds never trained on) -> its prompt files and known answer."""
         seed = procedural_seeds("heldout", 1, start=int(index))[0]
-        sentence = procedural_analogy(task, seed, int(pairs) + 1, self.prompter.resolution)  # + the query's pair
+        sentence = procedural_analogy(
+            task, seed, int(pairs) + 1, self.prompter.resolution
+        )  # + the query's pair
         names = [f"{i:02d}_{'x' if i % 2 == 0 else 'y'}{i // 2 + 1}" for i in range(len(sentence.prompt) - 1)]
-        paths = self._save([load_prompt_image(im) for im in sentence.images], "preset", [*names, "query", "truth"])
+        paths = self._save(
+            [load_prompt_image(im) for im in sentence.images], "preset", [*names, "query", "truth"]
+        )
         return paths[:-1], paths[-1]
 
     @on_page
@@ -175,7 +190,9 @@ class App:
     def run_video(self, files, truth, n_frames, temperature, top_k, seed, progress=gr.Progress()):  # noqa: B008
         frames = self.check_frames(files)
         n_frames = int(n_frames)
-        sampling = self._sampling(temperature, top_k, seed, n_frames * self.prompter.tokens_per_image, progress)
+        sampling = self._sampling(
+            temperature, top_k, seed, n_frames * self.prompter.tokens_per_image, progress
+        )
         known = (truth or [])[:n_frames] or None
         result = self.prompter.continue_sequence(frames, n_frames, 1, known, **sampling)
         return self._outputs(result, "video")
@@ -204,44 +221,67 @@ class App:
         return "| model | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def sampling_controls(tab: str) -> tuple:
-    """Temperature, top-k and seed, the same on every generating tab (element ids `<tab>-temperature`, ..)."""
+def gallery(label: str, elem_id: str) -> gr.Gallery:
+    return gr.Gallery(
+        label=label, columns=4, height="auto", format="png", object_fit="contain", elem_id=elem_id
+    )
+
+
+def inputs(files_label: str, tab: str) -> tuple:
+    """The uploaded files, a line saying what they are (or what is wrong), and the images in order."""
     with gr.Row():
-        temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)", elem_id=f"{tab}-temperature")
+        with gr.Column(scale=2):
+            files = gr.File(file_count="multiple", label=files_label, elem_id=f"{tab}-files")
+            status = gr.Markdown(elem_id=f"{tab}-status")
+        shown = gallery("in order", f"{tab}-shown")
+    return files, status, shown
+
+
+def controls(tab: str, count: gr.Slider, button: str) -> tuple:
+    """Temperature, top-k and seed beside `count` (element ids `<tab>-temperature`, ..), and the button."""
+    with gr.Row():
+        count.render()
+        temperature = gr.Slider(
+            0, 2, value=1.0, step=0.05, label="temperature (0 = greedy)", elem_id=f"{tab}-temperature"
+        )
         top_k = gr.Number(value=100, precision=0, minimum=0, label="top-k (0 = all)", elem_id=f"{tab}-top-k")
         seed = gr.Number(value=0, precision=0, label="seed (-1 = random)", elem_id=f"{tab}-seed")
-    return temperature, top_k, seed
+    return temperature, top_k, seed, gr.Button(button, variant="primary", elem_id=f"{tab}-run")
+
+
+def outputs(tab: str, label: str, grid_label: str) -> tuple:
+    """The generated images, the grid (enlarged on the page) and the grid PNG to download."""
+    with gr.Row():
+        images = gallery(label, f"{tab}-out")
+        with gr.Column():
+            grid = gr.Image(label=grid_label, format="png", type="pil", elem_id=f"{tab}-grid")
+            download = gr.File(label="download the grid", elem_id=f"{tab}-grid-file")
+    return images, grid, download
 
 
 def build_app(app: App) -> gr.Blocks:
-    task_names = list(TASKS)
     with gr.Blocks(title="LVM", analytics_enabled=False) as page:
         gr.Markdown("# LVM: in-context prompting")
         with gr.Tab("In-context", id="incontext"):
             gr.Markdown("Example pairs `x1 y1 x2 y2 ...` then a query `xq`; files are taken in name order.")
             truth = gr.State(None)
             with gr.Row():
-                task = gr.Dropdown(task_names, value="recolor", label="held-out task")
+                task = gr.Dropdown(list(TASKS), value="recolor", label="held-out task")
                 example = gr.Number(value=0, precision=0, minimum=0, label="example #")
                 pairs = gr.Slider(1, 7, value=3, step=1, label="example pairs")
-                load = gr.Button("Load example", elem_id="load-example")
-            files = gr.File(file_count="multiple", label="prompt images (or upload your own)", elem_id="prompt-files")
-            status = gr.Markdown(elem_id="prompt-status")
-            prompt = gr.Gallery(label="prompt", columns=8, format="png", object_fit="contain", elem_id="prompt")
-            with gr.Row():
-                candidates = gr.Slider(1, 8, value=2, step=1, label="candidates")
-            temperature, top_k, seed = sampling_controls("incontext")
-            generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            answers = gr.Gallery(label="answers", columns=8, format="png", object_fit="contain", elem_id="answers")
-            with gr.Row():
-                grid = gr.Image(label="grid: prompt | answers | truth", format="png", type="pil", elem_id="grid")
-                download = gr.File(label="download the grid", elem_id="grid-file")
+                load = gr.Button("Load example", elem_id="incontext-load")
+            files, status, shown = inputs("prompt images (or upload your own)", "incontext")
+            candidates = gr.Slider(1, 8, value=2, step=1, label="candidates", render=False)
+            temperature, top_k, seed, run = controls("incontext", candidates, "Generate")
+            answers, grid, download = outputs("incontext", "answers", "grid: prompt | answers | truth")
 
             load.click(app.analogy_preset, [task, example, pairs], [files, truth], concurrency_limit=None)
             files.upload(lambda: None, None, truth, concurrency_limit=None)  # own images: no known answer
-            files.change(app.preview_analogy, files, [prompt, status], concurrency_limit=None)
-            generate.click(
-                app.run_analogy, [files, truth, candidates, temperature, top_k, seed], [answers, grid, download],
+            files.change(app.preview_analogy, files, [shown, status], concurrency_limit=None)
+            run.click(
+                app.run_analogy,
+                [files, truth, candidates, temperature, top_k, seed],
+                [answers, grid, download],
                 concurrency_id=MODEL_CALLS,
             )
 
@@ -251,24 +291,26 @@ def build_app(app: App) -> gr.Blocks:
             with gr.Row():
                 clip = gr.Number(value=0, precision=0, minimum=0, label="example clip #")
                 clip_frames = gr.Slider(1, 15, value=4, step=1, label="frames in")
-                load_clip = gr.Button("Load example", elem_id="load-clip")
-            frame_files = gr.File(file_count="multiple", label="frames", elem_id="frame-files")
-            frame_status = gr.Markdown(elem_id="frame-status")
-            frames = gr.Gallery(label="frames", columns=8, format="png", object_fit="contain", elem_id="frames")
-            n_frames = gr.Slider(1, 8, value=2, step=1, label="frames to generate")
-            v_temperature, v_top_k, v_seed = sampling_controls("video")
-            go = gr.Button("Continue", variant="primary", elem_id="continue")
-            following = gr.Gallery(label="next frames", columns=8, format="png", object_fit="contain", elem_id="next")
-            with gr.Row():
-                v_grid = gr.Image(label="grid: frames | generated | truth", format="png", type="pil")
-                v_download = gr.File(label="download the grid")
+                load_clip = gr.Button("Load example", elem_id="video-load")
+            frame_files, frame_status, frames = inputs("frames", "video")
+            n_frames = gr.Slider(1, 8, value=2, step=1, label="frames to generate", render=False)
+            v_temperature, v_top_k, v_seed, go = controls("video", n_frames, "Continue")
+            following, v_grid, v_download = outputs(
+                "video", "next frames", "grid: frames | generated | truth"
+            )
 
-            load_clip.click(app.video_preset, [clip, clip_frames], [frame_files, clip_truth], concurrency_limit=None)
+            load_clip.click(
+                app.video_preset, [clip, clip_frames], [frame_files, clip_truth], concurrency_limit=None
+            )
             frame_files.upload(lambda: None, None, clip_truth, concurrency_limit=None)
-            frame_files.change(app.preview_frames, frame_files, [frames, frame_status], concurrency_limit=None)
+            frame_files.change(
+                app.preview_frames, frame_files, [frames, frame_status], concurrency_limit=None
+            )
             go.click(
-                app.run_video, [frame_files, clip_truth, n_frames, v_temperature, v_top_k, v_seed],
-                [following, v_grid, v_download], concurrency_id=MODEL_CALLS,
+                app.run_video,
+                [frame_files, clip_truth, n_frames, v_temperature, v_top_k, v_seed],
+                [following, v_grid, v_download],
+                concurrency_id=MODEL_CALLS,
             )
 
         with gr.Tab("Model info", id="info"):
@@ -288,13 +330,21 @@ def load_prompter(args: argparse.Namespace) -> InContextPrompter:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lvm", default=DEMO_LVM, help="LVM directory (HF Llama layout); default: make demo's")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lvm", default=DEMO_LVM, help="LVM directory (HF Llama layout); default: make demo's"
+    )
     parser.add_argument("--tokenizer", default=DEMO_TOKENIZER, help="VQGAN checkpoint; default: make demo's")
     parser.add_argument("--no-bos", action="store_true", help="prompt without BOS (the released LVM-7B)")
-    parser.add_argument("--context-frames", type=int, default=15, help="video: sliding window of frames")
+    parser.add_argument(
+        "--context-frames", type=int, default=CONTEXT_FRAMES, help="video: sliding window of frames"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="LVM weights")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="LVM weights"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)

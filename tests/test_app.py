@@ -71,7 +71,17 @@ def server(files):
     root, _ = files
     port = free_port()
     log = open(root / "server.log", "w")
-    command = [sys.executable, "-m", "scripts.app", "--lvm", root / "lvm", "--tokenizer", root / "vq", "--port", port]
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.app",
+        "--lvm",
+        root / "lvm",
+        "--tokenizer",
+        root / "vq",
+        "--port",
+        port,
+    ]
     process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -127,6 +137,7 @@ def screenshot(page, name: str, keep_messages: bool = False) -> None:
     if not keep_messages:  # messages stay until closed; close the earlier ones
         for button in page.get_by_role("button", name="Close", exact=True).all():
             button.click()
+        page.wait_for_timeout(500)  # the messages fade out
     page.screenshot(path=ARTIFACTS / name, full_page=True)
 
 
@@ -137,23 +148,25 @@ def test_analogy_greedy_answer_while_another_session_uploads_bad_files(server, b
     expected = np.asarray(greedy.generated[0][0])
 
     user, other = open_page(browser, server), open_page(browser, server)
-    user.locator("#prompt-files input[type=file]").set_input_files(prompt)
-    sync_api.expect(user.locator("#prompt-status")).to_contain_text("2 example pair(s) and a query")
+    user.locator("#incontext-files input[type=file]").set_input_files(prompt)
+    sync_api.expect(user.locator("#incontext-status")).to_contain_text("2 example pair(s) and a query")
     set_number(user, "#incontext-temperature", 0)
-    user.click("#generate")
+    user.click("#incontext-run")
 
     # Meanwhile, in another session: a file that is not an image, then a wrong count.
-    other.locator("#prompt-files input[type=file]").set_input_files(root / "bad.png")
+    other.locator("#incontext-files input[type=file]").set_input_files(root / "bad.png")
     sync_api.expect(other.get_by_text("'bad.png' is not an image file")).to_be_visible()
     screenshot(other, "bad_upload.png", keep_messages=True)
-    other.locator("#prompt-files").get_by_role("button", name="Clear").click()  # uploads add to the list
-    other.locator("#prompt-files input[type=file]").set_input_files(prompt[:4])
+    other.locator("#incontext-files").get_by_role("button", name="Clear").click()  # uploads add to the list
+    other.locator("#incontext-files input[type=file]").set_input_files(prompt[:4])
     sync_api.expect(other.get_by_text("an odd number of images")).to_be_visible()
 
-    answer = image_at(user, "#answers")
+    answer = image_at(user, "#incontext-out")
     assert answer.shape == expected.shape == (16, 16, 3)
-    assert np.array_equal(answer, expected), "the page's answer differs from InContextPrompter's greedy answer"
-    link = user.locator("#grid-file a").first
+    assert np.array_equal(answer, expected), (
+        "the page's answer differs from InContextPrompter's greedy answer"
+    )
+    link = user.locator("#incontext-grid-file a").first
     assert link.get_attribute("href").endswith("analogy_grid.png")
     grid = np.asarray(Image.open(BytesIO(user.request.get(link.get_attribute("href")).body())).convert("RGB"))
     assert np.array_equal(grid, np.asarray(greedy.grid())), "the downloadable grid is not prompt | answers"
@@ -165,13 +178,15 @@ def test_video_and_info_tabs(server, browser, files):
     root, _ = files
     page = open_page(browser, server)
     page.get_by_role("tab", name="Video").click()
-    too_many = [shutil.copy(root / f"{i % 5}.png", root / f"frame{i:02d}.png") for i in range(15)]  # window: 14
-    page.locator("#frame-files input[type=file]").set_input_files(too_many)
+    too_many = [
+        shutil.copy(root / f"{i % 5}.png", root / f"frame{i:02d}.png") for i in range(15)
+    ]  # window: 14
+    page.locator("#video-files input[type=file]").set_input_files(too_many)
     sync_api.expect(page.get_by_text("more than the model's context holds")).to_be_visible()
-    page.click("#load-clip")
-    sync_api.expect(page.locator("#frame-status")).to_contain_text("4 frame(s)")
-    page.click("#continue")
-    assert image_at(page, "#next").shape == (16, 16, 3)
+    page.click("#video-load")
+    sync_api.expect(page.locator("#video-status")).to_contain_text("4 frame(s)")
+    page.click("#video-run")
+    assert image_at(page, "#video-out").shape == (16, 16, 3)
     screenshot(page, "video.png")
 
     page.get_by_role("tab", name="Model info").click()
