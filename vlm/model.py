@@ -13,6 +13,7 @@ The encoder and LLM may be transformers modules; the connector is always one of 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ class VLM(nn.Module):
             pixel_values, pixel_attention_mask = _drop_padding_images(pixel_values, pixel_attention_mask)
         extra = {} if pixel_attention_mask is None else {"pixel_attention_mask": pixel_attention_mask}
         out = self.encoder(pixel_values.to(self._dtype()), **extra)
-        mask = {} if out.mask is None else {"attention_mask": out.mask}
-        return self.connector(out.features, out.grid, **mask)
+        # Only the resamplers (perceiver, qformer) can leave padded patches out; grid connectors keep the grid.
+        takes_mask = out.mask is not None and "attention_mask" in inspect.signature(self.connector.forward).parameters
+        return self.connector(out.features, out.grid, **({"attention_mask": out.mask} if takes_mask else {}))
 
     def num_image_tokens(self, grid: tuple[int, int]) -> int:
         """Image tokens per image (per tile) for an encoder grid (h, w): what the processor expands to."""
