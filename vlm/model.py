@@ -66,12 +66,14 @@ class VLMOutput(NamedTuple):
 
 
 class VLM(nn.Module):
-    def __init__(self, config: VLMConfig):
+    def __init__(self, config: VLMConfig, encoder: nn.Module | None = None, connector: nn.Module | None = None,
+                 llm: nn.Module | None = None):
+        """Parts are built from `config`, or passed in already built (they must then match it)."""
         super().__init__()
         self.config = config
-        self.encoder = build_encoder(config.encoder)
-        self.llm = build_llm(config.llm)
-        self.connector = connectors.build(
+        self.encoder = encoder or build_encoder(config.encoder)
+        self.llm = llm or build_llm(config.llm)
+        self.connector = connector or connectors.build(
             config.connector, self.encoder.out_dim, self.llm.hidden_size, **config.connector_options
         )
         self._check_widths()
@@ -86,7 +88,7 @@ class VLM(nn.Module):
         except RuntimeError as error:
             raise ValueError(
                 f"connector {self.config.connector!r} does not take the vision encoder's width "
-                f"{self.encoder.out_dim}: {error}"
+                f"{self.encoder.out_dim} (LLM hidden size {self.llm.hidden_size}): {error}"
             ) from error
         if out.shape[-1] != self.llm.hidden_size:
             raise ValueError(
