@@ -251,9 +251,10 @@ class AIM(nn.Module):
             raise ValueError(f"prefix_len must lie in 1..{highest}, got {prefix_len}")
 
     # -- sizes -------------------------------------------------------------------------------------------
-    def num_params(self, trunk_only: bool = False) -> int:
-        """All parameters (every one is a matmul weight or a norm gain: AIM has no lookup table), or the
-        trunk's alone (blocks + final norm), the count ml-aim's model names refer to."""
+    def num_params(self, non_embedding: bool = False, trunk_only: bool = False) -> int:
+        """All parameters, or the trunk's alone (blocks + final norm), the count ml-aim's model names refer
+        to. AIM has no lookup table (every parameter is a matmul weight or a norm gain), so non_embedding,
+        there for the LVM's signature that lvm.scaling calls, changes nothing."""
         modules = [*self.layers, self.norm] if trunk_only else [self]
         return sum(p.numel() for m in modules for p in m.parameters())
 

@@ -29,6 +29,7 @@ from lvm import LVM
 from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, score_analogies
 from lvm.prompting import InContextPrompter
+from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     scores = score_analogies(prompter, sentences, grid_dir=out / "grids", num_grids=2 * len(TASKS), progress=True)
     metrics.update(scores)
 
+    print("== aim: train aim_demo, probe it beside the LVM", flush=True)
+    metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
+
     with atomic_path(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(metrics, indent=2))
     print_table(metrics)
+    print_aim(metrics["aim"])
     print(f"\nPNG grids and metrics.json in {out}/")
     return metrics
 

@@ -20,6 +20,7 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert list((tmp_path / "grids").glob("*.png")) and (tmp_path / "tokenizer_reconstructions.png").exists()
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
+    assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
