@@ -72,8 +72,9 @@ def samples_from_spec(spec: str) -> Iterator[dict]:
 
 
 def _scenes(rest: str) -> Iterator[dict]:
-    count, split, size, qa = (rest.split(":") + ["train", "64", "single"])[:4]
-    return scenes.scene_samples(int(count), split or "train", int(size or 64), qa=qa or "single")
+    fields = rest.split(":")
+    count, split, size, qa = fields + ["", "train", "64", "single"][len(fields) :]
+    return scenes.scene_samples(int(count), split, int(size), qa=qa)
 
 
 def prepare(
