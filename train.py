@@ -6,14 +6,31 @@
 The config names the LightningModule (`model.class_path`) and LightningDataModule (`data.class_path`).
 """
 
+import logging
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
 os.environ.setdefault("WANDB_MODE", "offline")  # WANDB_MODE=online syncs
 
 
+def quiet_lightning_notices() -> None:
+    """Drop messages about Lightning itself rather than the run (each names what it drops; nothing else is
+    filtered, so real warnings and errors still print):
+    - a FutureWarning that newer torch raises inside Lightning's own pytree helper on every fit;
+    - ModelCheckpoint's note (with a code sample) that a manual-optimisation module's checkpoint holds the
+      weights after the step: the tokenizer saves exactly that on purpose (resume continues from it);
+    - the advert for Lightning's cloud logger."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip")
+    )
+
+
 def main(args=None) -> LightningCLI:
+    quiet_lightning_notices()
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
