@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from data.procedural import TASKS
+from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, metrics_table, perplexity, score_analogies
 from lvm.figures import save_task_grids
 from lvm.prompting import add_prompter_arguments, prompter_from_args, sampling_from_args
-from tokenizer.files import atomic_path
 
 
 def main(argv: list[str] | None = None) -> dict | float:

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvm.figures import COLUMNS, MIN_SIDE, AnalogyExample, display_side, labelled_grid, summary_figure, text_block
+from lvm.figures import (
+    COLUMNS,
+    MIN_SIDE,
+    AnalogyExample,
+    display_side,
+    labelled_grid,
+    summary_figure,
+    text_block,
+)
 
 SIZE = 32
 
