@@ -29,8 +29,19 @@ def quiet_lightning_notices() -> None:
     )
 
 
+def quiet_wandb_when_silent() -> None:
+    """WANDB_SILENT=true (the demo sets it) silences wandb from the start: wandb applies it only inside
+    wandb.init, after it has printed a deprecation notice about a setting Lightning's WandbLogger passes."""
+    if os.environ.get("WANDB_SILENT", "").lower() in ("true", "1"):
+        import wandb
+        from wandb.errors.term import termsetup
+
+        termsetup(wandb.Settings(silent=True), logging.getLogger("wandb"))  # to a logger, not the terminal
+
+
 def main(args=None) -> LightningCLI:
     quiet_lightning_notices()
+    quiet_wandb_when_silent()
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
