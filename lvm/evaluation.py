@@ -12,6 +12,7 @@ score_analogies free-running generation of each analogy's answer (greedy by defa
                 true answer image; and the teacher-forced perplexity of the true answer.
 Every method's answer is a token sequence decoded by the same tokenizer, so PSNR compares methods on
 equal terms (the copy baseline also pays the tokenizer's reconstruction error).
+metrics_table   the per-task changed-token accuracy and PSNR as text lines (console, summary picture).
 """
 
 from __future__ import annotations
