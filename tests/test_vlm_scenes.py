@@ -14,6 +14,7 @@ from vlm.scenes import (
     QA_TYPES,
     SLOTS,
     Scene,
+    majority_answers,
     photo_samples,
     scene_sample,
     scene_samples,
@@ -84,12 +85,11 @@ def test_deterministic_and_split_by_seed():
 
 def test_text_only_baseline_is_weak():
     """The majority answer per question type (what a model blind to the image can do) stays well below 1."""
-    answers = collections.defaultdict(collections.Counter)
-    for seed in scene_seeds("train", 600):
-        for qa_type, _, answer in Scene.random(seed).qa_pairs():
-            answers[qa_type][answer] += 1
-    majority = sum(c.most_common(1)[0][1] for c in answers.values()) / sum(sum(c.values()) for c in answers.values())
-    assert majority < 0.5, majority
+    majority = majority_answers(600)
+    assert set(majority) == set(QA_TYPES)
+    held_out = [qa for seed in scene_seeds("heldout", 300) for qa in Scene.random(seed).qa_pairs()]
+    accuracy = np.mean([majority[qa_type] == answer for qa_type, _, answer in held_out])
+    assert 0.2 < accuracy < 0.5, accuracy
 
 
 def test_scene_and_photo_samples():
@@ -101,6 +101,10 @@ def test_scene_and_photo_samples():
         assert Image.open(io.BytesIO(sample["images"][0])).size == (32, 32)
         if sample["kind"] == "conversation":
             assert sample["qa_type"] in QA_TYPES and sample["turns"][-1] == {"role": "assistant", "content": sample["answer"]}
+    multi = [s for s in scene_samples(3, "heldout", size=32, qa="multi") if s["kind"] == "conversation"]
+    assert len(multi) == 3 and sum(len(s["answers"]) for s in multi) == kinds["conversation"]
+    assert [t["content"] for t in multi[0]["turns"][1::2]] == multi[0]["answers"]
+    assert sum(t["content"].count("<image>") for t in multi[0]["turns"]) == 1
     assert set(PHOTO_CAPTIONS) == set(embedded_photo_names())
     photos = list(photo_samples("val"))
     assert [p["id"] for p in photos] == [f"photo-{n}" for n in embedded_photo_names("val")]
