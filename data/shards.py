@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from tokenizer.files import atomic_path
+from lvm.checkpoints import atomic_path
 
 log = logging.getLogger(__name__)
 

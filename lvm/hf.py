@@ -1,8 +1,8 @@
 """HF Llama checkpoints <-> LVM, and Lightning training checkpoints -> LVM.
 
 Our parameter names are LlamaForCausalLM's and our rotary layout is its rotate_half one, so weights
-move without renaming or permuting; what lives here is the config.json mapping, reading single or
-sharded checkpoints in any float dtype, and shape checks with readable errors.
+move without renaming or permuting; what lives here is the config.json mapping and the loading order;
+lvm.checkpoints reads the files (single or sharded) and checks names and shapes.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from lvm.checkpoints import check_state_dict, read_state_dict, save_pretrained_dir
 from lvm.config import LVMConfig
 from lvm.model import LVM, Rotary
 
@@ -85,42 +85,10 @@ def config_from_hf(hf: dict, **overrides) -> LVMConfig:
 
 
 # -- weights -----------------------------------------------------------------------------------------------
-def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory: model.safetensors, sharded safetensors (an index json), or the
-    older pytorch_model.bin (loaded with weights_only=True)."""
-    directory = Path(directory)
-    for name, load in (("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)):
-        if (directory / name).exists():
-            return load(directory / name)
-        index = directory / f"{name}.index.json"
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in load(directory / shard).items()}
-    raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or their sharded index in {directory}")
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_state_dict_into(model: LVM, state: dict[str, torch.Tensor], source: str) -> LVM:
     """Check names and shapes against the model, then load; a mismatch lists every offending tensor."""
-    expected = model.state_dict()
     state = {k: v for k, v in state.items() if not k.endswith(_COMPUTED)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit LVMConfig {model.config}:\n"
-            + "".join(f"  missing: {k}\n" for k in missing)
-            + "".join(f"  unexpected: {k}\n" for k in unexpected)
-            + "".join(f"  shape mismatch: {m}\n" for m in mismatched)
-        )
+    check_state_dict(model.state_dict(), state, source, hint=f"read as {model.config}")
     model.load_state_dict(state, assign=True)
     # Built on the meta device to skip a useless random init; the rotary table is computed, not loaded.
     model.rotary = Rotary(model.config.head_dim, model.config.rope_theta)
@@ -144,16 +112,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
 
 def save_pretrained(model: LVM, directory: str | os.PathLike) -> None:
     """config.json + model.safetensors, each written atomically, that LlamaForCausalLM loads."""
-    from tokenizer.files import atomic_path
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
     dtype = model.lm_head.weight.dtype
-    with atomic_path(directory / "config.json") as tmp:
-        Path(tmp).write_text(json.dumps(config_to_hf(model.config, dtype), indent=2))
+    save_pretrained_dir(directory, config_to_hf(model.config, dtype), model.state_dict())
 
 
 # -- Lightning checkpoints ---------------------------------------------------------------------------------

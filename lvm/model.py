@@ -96,7 +96,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)  # [B, L, H, D]
         k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)  # [B, L, Hkv, D]
         v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # None: positions come from elsewhere (AIM adds sin-cos embeddings to the input)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -148,35 +149,52 @@ class LVM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids long [B, L] -> logits [B, L, vocab].
+        """input_ids long [B, L] (or inputs_embeds [B, L, C], as a VLM passes them) -> logits [B, L, vocab].
 
         Packed rows pass document_ids (int [B, L], -1 on padding) for block-diagonal causal attention
         and position_ids restarting at each document; without them: one causal sequence, positions 0..L-1.
         """
-        batch, length = input_ids.shape
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, inputs_embeds))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, L, C] that forward feeds to lm_head (features for probes)."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
+        batch, length = x.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-        attend = attention.build(self.config.attn_backend, document_ids, length, input_ids.device)
-        x = self._hidden(input_ids, position_ids, [attend] * self.config.num_layers)
-        return self.lm_head(x)  # [B, L, vocab]
+            position_ids = torch.arange(length, device=x.device).expand(batch, length)
+        attend = attention.build(self.config.attn_backend, document_ids, length, x.device)
+        return self._hidden(x, position_ids, [attend] * self.config.num_layers)
 
-    def forward_cached(self, input_ids: torch.Tensor, cache: attention.KVCache, start: int) -> torch.Tensor:
-        """A generation step: input_ids long [B, L] go to cache slots start..start+L-1; their keys and
-        values are written into `cache` and they attend to everything cached so far. -> logits [B, vocab]
-        of the last position only: generation samples from nothing else, and with a vocabulary of 8292
-        the prefill's full logits would cost more than its last layer."""
-        stop = start + input_ids.shape[1]
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor | None,
+        cache: attention.KVCache,
+        start: int,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A generation step: input_ids long [B, L] (or inputs_embeds [B, L, C]) go to cache slots
+        start..start+L-1; their keys and values are written into `cache` and they attend to everything
+        cached so far. -> logits [B, vocab] of the last position only: generation samples from nothing
+        else, and with a vocabulary of 8292 the prefill's full logits would cost more than its last layer."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
+        stop = start + x.shape[1]
         attends = cache.attends(start, stop, self.config.attn_backend)
-        return self.lm_head(self._hidden(input_ids, cache.positions(start, stop), attends)[:, -1])
+        return self.lm_head(self._hidden(x, cache.positions(start, stop), attends)[:, -1])
 
-    def _hidden(self, input_ids, position_ids, attends: list[attention.Attend]) -> torch.Tensor:
-        """The final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""
+    def _hidden(self, x, position_ids, attends: list[attention.Attend]) -> torch.Tensor:
+        """Embeddings x [B, L, C] -> the final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""
         cos, sin = self.rotary(position_ids)
-        x = self.model.embed_tokens(input_ids)  # [B, L, C]
         for layer, attend in zip(self.model.layers, attends, strict=True):
             if self.config.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from data.packing import IGNORE_INDEX
 from lvm import LVM, LVMConfig
+from lvm.checkpoints import check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +117,13 @@ class LVMModule(L.LightningModule):
         teacher (left out when saving) back so strict loading finds it."""
         if "state_dict" not in checkpoint:  # FSDP sharded checkpoints load their weights apart from this dict
             return
-        found = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER)}
+        found = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER)}
         with torch.device("meta"):  # shapes only, whatever the strategy's sharding
-            expected = {f"model.{k}": tuple(v.shape) for k, v in LVM(self.config).state_dict().items()}
-        problems = [f"{k}: checkpoint {list(found[k])}, model {list(v)}" for k, v in expected.items() if k in found and found[k] != v]
-        problems += [f"{k}: missing from the checkpoint" for k in expected.keys() - found.keys()]
-        problems += [f"{k}: not in the model" for k in found.keys() - expected.keys()]
-        if problems:
-            listing = "\n  ".join(sorted(problems)[:20]) + ("\n  ..." if len(problems) > 20 else "")
-            raise ValueError(
-                f"the checkpoint does not fit the model {self.config.name} ({len(problems)} tensors differ); "
-                f"was it trained with other model / model_overrides?\n  {listing}"
-            )
+            expected = {f"model.{k}": v for k, v in LVM(self.config).state_dict().items()}
+        check_state_dict(
+            expected, found, "the checkpoint",
+            hint=f"was it trained with another model / model_overrides than {self.config.name}?",
+        )
         if self.teacher is not None:
             checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lvm.checkpoints import atomic_path
 from lvm.model import LVM
 from tokenizer import VQGAN, fit_to_resolution, load_image, to_pil, to_tensor
-from tokenizer.files import atomic_path
 
 ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
 CONTEXT_FRAMES = 15  # LVM's sequence prompting: 15 frames of context + 1 generated = 16 images = 4096 tokens

@@ -26,10 +26,10 @@ from data.shards import write_manifest
 from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM
+from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, score_analogies
 from lvm.prompting import InContextPrompter
 from tokenizer import VQGAN, to_tensor
-from tokenizer.files import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from data.procedural import TASKS
+from lvm.checkpoints import atomic_path
 from lvm.evaluation import METHODS, heldout_analogies, perplexity, score_analogies
 from lvm.prompting import add_prompter_arguments, prompter_from_args, sampling_from_args
-from tokenizer.files import atomic_path
 
 
 def print_table(scores: dict) -> None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from lvm.checkpoints import check_state_dict, load_weights_only, read_state_dict
 from tokenizer.config import VQGANConfig
 from tokenizer.model import VQGAN
 
@@ -46,7 +45,7 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> VQGAN:
         values = json.loads(config_file.read_text())
         if values.get("model_type") == "lvm-vqgan":
             config = VQGANConfig.from_dict({**values, **overrides})
-            return _build(config, load_file(path / "model.safetensors"), str(path))
+            return _build(config, read_state_dict(path), str(path))
         if "hidden_channels" in values and "num_embeddings" in values:
             return _load_muse(path, values, overrides)
         raise ValueError(
@@ -60,48 +59,9 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> VQGAN:
 
 def _build(config: VQGANConfig, state_dict: dict[str, torch.Tensor], source: str) -> VQGAN:
     model = VQGAN(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"weights in {source} do not fit the VQGAN shape {config.name!r} ({config}):\n"
-            + "".join(
-                f"  {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}\n"
-                for label, keys in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("wrong shape", wrong_shape),
-                )
-                if keys
-            )
-        )
+    check_state_dict(model.state_dict(), state_dict, source, hint=f"read as the VQGAN shape {config.name!r} ({config})")
     model.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return model.eval()
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as error:  # torch raises EOFError, KeyError, RuntimeError, ... for files it cannot read
-        if not (
-            isinstance(error, pickle.UnpicklingError) and "weights only load failed" in str(error).lower()
-        ):
-            raise ValueError(
-                f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error}); expected {EXPECTED}"
-            ) from error
-        raise ValueError(
-            f"{path} holds pickled objects beyond tensors, which weights_only loading refuses. If you trust "
-            "the file, extract its weights once: torch.save({'state_dict': torch.load(p, weights_only=False)"
-            f"['state_dict']}}, out) and load that. ({error})"
-        ) from error
 
 
 # -- taming-transformers -------------------------------------------------------------------------------
@@ -133,7 +93,7 @@ def _find_taming_config(ckpt: Path) -> Path | None:
 
 
 def _load_taming(ckpt: Path, overrides: dict) -> VQGAN:
-    checkpoint = _torch_load(ckpt)
+    checkpoint = load_weights_only(ckpt)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(
             f"{ckpt} is not a taming-transformers Lightning checkpoint (no 'state_dict'); expected {EXPECTED}"
@@ -256,12 +216,10 @@ def _load_muse(directory: Path, values: dict, overrides: dict) -> VQGAN:
             **overrides,
         }
     )
-    if (directory / "model.safetensors").exists():
-        state_dict = load_file(directory / "model.safetensors")
-    elif (directory / "pytorch_model.bin").exists():
-        state_dict = _torch_load(directory / "pytorch_model.bin")
-    else:
+    try:
+        state_dict = read_state_dict(directory)
+    except FileNotFoundError:
         raise ValueError(
             f"{directory} has an open-muse config.json but no pytorch_model.bin or model.safetensors"
-        )
+        ) from None
     return _build(config, state_dict, str(directory))

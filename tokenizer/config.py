@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 
 @dataclass
@@ -79,10 +77,6 @@ class VQGANConfig:
         if unknown:
             raise ValueError(f"unknown VQGANConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"model_type": "lvm-vqgan", **self.to_dict()}, indent=2))
-
 
 _TAMING_IMAGENET = dict(
     resolution=256,

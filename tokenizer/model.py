@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 from torch import nn
 
+from lvm.checkpoints import save_pretrained_dir
 from tokenizer.config import VQGANConfig
-from tokenizer.files import atomic_path
 from tokenizer.quantizer import Quantizer
 
 
@@ -79,13 +77,7 @@ class VQGAN(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors`, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        with atomic_path(directory / "config.json") as tmp:
-            self.config.save(tmp)
+        save_pretrained_dir(directory, {"model_type": "lvm-vqgan", **self.config.to_dict()}, self.state_dict())
 
     # -- pixels -----------------------------------------------------------------------------------
     def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
