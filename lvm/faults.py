@@ -9,7 +9,8 @@ it: a kill at any moment leaves the previous checkpoint whole, and a failed writ
 read-only directory) leaves it untouched. It loads with `weights_only=True`, refusing pickled code.
 
 `FaultTolerance`:
-  - checks before any compute that the checkpoint and log directories can be written;
+  - checks before any compute that the checkpoint and log directories can be written, and removes the
+    temporary files of checkpoint writes that a kill interrupted;
   - on SIGTERM or SIGUSR1 (SLURM's warning signal; SLURMEnvironment's `requeue_signal` under SLURM)
     finishes the current step, saves `last.ckpt`, requeues the job when Lightning's SLURMEnvironment
     has `auto_requeue`, and exits (status 0). Lightning's own SLURM handler would save from inside the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -33,9 +35,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from tokenizer.files import atomic_path
+from lvm.checkpoints import atomic_torch_save, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +49,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    torch.save(checkpoint, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-        except OSError as e:
-            kept = f"the previous {path.name} is kept unchanged" if path.exists() else f"no {path.name} was written"
-            raise OSError(e.errno, f"could not write the checkpoint {path} ({e.strerror or e}); {kept}. "
-                          "Free space or fix the permissions of that directory, then resume with --ckpt_path last") from e
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(checkpoint, path)
+        except (OSError, RuntimeError) as e:  # torch reports a short write (a full disk) as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            kept = (
+                f"the previous {path.name} is kept unchanged"
+                if path.exists()
+                else f"no {path.name} was written"
+            )
+            raise OSError(
+                f"could not write the checkpoint {path} ({reason}; "
+                f"{free / 2**20:.1f} MiB free there); {kept}. Free space or fix the directory's "
+                "permissions, then resume with --ckpt_path last"
+            ) from e
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
-        """Tensors and plain containers only: a checkpoint that carries pickled code is refused."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} not found")
-        try:
-            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError (code) or RuntimeError (a truncated archive)
-            raise ValueError(
-                f"refusing to load the checkpoint {path}: {str(e).splitlines()[0]}. Checkpoints are loaded with "
-                "weights_only=True, so pickled code (classes, functions) and damaged files are rejected. "
-                "Resume from another checkpoint, or convert this one from a source you trust."
-            ) from e
+        """Tensors and plain containers only, on the CPU: a checkpoint carrying pickled code is refused."""
+        return load_weights_only(path)
 
 
 def _probe_writable(directory: Path) -> None:
@@ -83,9 +80,11 @@ def _probe_writable(directory: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OSError(e.errno, f"the output directory {directory} cannot be written ({e.strerror or e}): "
-                      "fix its permissions or free space, or point trainer.default_root_dir / the checkpoint "
-                      "dirpath elsewhere") from e
+        raise OSError(
+            f"the output directory {directory} cannot be written ({e.strerror or e}): "
+            "fix its permissions or free space, or point trainer.default_root_dir / the checkpoint "
+            "dirpath elsewhere"
+        ) from e
 
 
 class FaultTolerance(L.Callback):
@@ -108,6 +107,10 @@ class FaultTolerance(L.Callback):
         dirs |= {Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)}
         for directory in sorted(dirs):
             _probe_writable(directory)
+        for cb in trainer.checkpoint_callbacks:  # temp files of writes a kill interrupted: as large as a checkpoint
+            for stale in Path(cb.dirpath).glob(".*.ckpt.*.tmp") if getattr(cb, "dirpath", None) else []:
+                stale.unlink(missing_ok=True)
+                log.warning("removed %s, left by an interrupted checkpoint write", stale)
 
     # -- preemption --------------------------------------------------------------------------------
     def _signal_numbers(self, trainer: L.Trainer) -> list[int]:
@@ -161,12 +164,19 @@ class FaultTolerance(L.Callback):
                 trainer.save_checkpoint(cb.last_model_path)
                 log.warning("signal %d: saved %s at step %d", signum, cb.last_model_path, trainer.global_step)
         env = trainer._accelerator_connector.cluster_environment
-        if signum != signal.SIGTERM and isinstance(env, SLURMEnvironment) and env.auto_requeue and trainer.is_global_zero:
+        if (
+            signum != signal.SIGTERM
+            and isinstance(env, SLURMEnvironment)
+            and env.auto_requeue
+            and trainer.is_global_zero
+        ):
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
             status = subprocess.call(["scontrol", "requeue", job])
             log.warning("requeued SLURM job %s" if status == 0 else "requeueing SLURM job %s failed", job)
-        raise SIGTERMException()  # a SystemExit: the process ends with status 0, without on_fit_end's export
+        # Lightning's own SIGTERM path ends the run once this batch's hooks and logging are done: a
+        # SIGTERMException (a SystemExit, status 0), so on_fit_end's export does not run on a partial model.
+        trainer._signal_connector.received_sigterm = True
 
     # -- bad numbers -------------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
