@@ -40,6 +40,13 @@ HF_TOWERS = {
 }
 
 
+# The normalisation each tower family was trained with (CLIP's statistics, ImageNet's for InternViT).
+HF_NORMALISATION = {
+    "clip_vision_model": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "internvl_vision": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
 class HFVisionEncoder(nn.Module):
     """A transformers vision tower. `feature_layer` indexes the tower's hidden states (LLaVA takes the
     penultimate, -2; -1 is the tower's last_hidden_state, as InternVL reads it); `select` "default" drops
@@ -64,7 +71,9 @@ class HFVisionEncoder(nn.Module):
         self.tower_type, self.feature_layer, self.select = model_type, feature_layer, select
         tower_config = self.tower.config
         self.patch_size = _pair(tower_config.patch_size)[0]
+        self.image_size = _pair(tower_config.image_size)[0]
         self.out_dim = tower_config.hidden_size
+        self.pixel_mean, self.pixel_std = HF_NORMALISATION.get(model_type, ((0.5,) * 3, (0.5,) * 3))
 
     def spec(self) -> dict:
         return {"kind": "hf", "config": self.tower.config.to_dict(), "feature_layer": self.feature_layer, "select": self.select}
@@ -118,6 +127,10 @@ class TimmEncoder(nn.Module):
         if checkpoint is not None:
             timm.models.load_checkpoint(self.model, checkpoint)
         self.out_dim = self.model.num_features
+        self.image_size = _pair(self.model.patch_embed.img_size)[0]
+        self.patch_size = _pair(self.model.patch_embed.patch_size)[0]
+        self.pixel_mean = self.model.pretrained_cfg.get("mean", (0.485, 0.456, 0.406))
+        self.pixel_std = self.model.pretrained_cfg.get("std", (0.229, 0.224, 0.225))
 
     def spec(self) -> dict:
         return {"kind": "timm", "model_name": self.model_name, "model_kwargs": self.model_kwargs}
@@ -140,7 +153,10 @@ class OpenClipEncoder(nn.Module):
         self.visual = clip.visual
         self.visual.output_tokens = True
         self.patch_size = _pair(self.visual.patch_size)[0]
+        self.image_size = _pair(self.visual.image_size)[0]
         self.out_dim = self.visual.transformer.width
+        self.pixel_mean = getattr(self.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        self.pixel_std = getattr(self.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
 
     def spec(self) -> dict:
         return {"kind": "open_clip", "model_name": self.model_name, "model_kwargs": self.model_kwargs}
@@ -169,6 +185,8 @@ class VQGANEncoder(nn.Module):
         embed_dim = self.vqgan.config.embed_dim
         self.project = nn.Linear(embed_dim, out_dim or embed_dim) if mode == "codes" else None
         self.out_dim = out_dim or embed_dim if mode == "codes" else embed_dim
+        self.image_size, self.patch_size = self.vqgan.config.resolution, self.vqgan.config.downsample_factor
+        self.pixel_mean, self.pixel_std = (0.0,) * 3, (1.0,) * 3  # the VQGAN takes pixels in [0, 1]
 
     def spec(self) -> dict:
         config = self.vqgan.config.to_dict()
@@ -206,6 +224,8 @@ class DualEncoder(nn.Module):
             raise ValueError(f"dual encoder widths differ: general {self.general.out_dim}, document {self.document.out_dim}")
         self.weights = tuple(weights)
         self.out_dim = self.general.out_dim
+        g = self.general
+        self.image_size, self.patch_size, self.pixel_mean, self.pixel_std = g.image_size, g.patch_size, g.pixel_mean, g.pixel_std
 
     def spec(self) -> dict:
         return {"kind": "dual", "encoders": [self.general.spec(), self.document.spec()], "weights": list(self.weights)}

@@ -13,6 +13,7 @@ The encoder and LLM may be transformers modules; the connector is always one of 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,12 +66,14 @@ class VLMOutput(NamedTuple):
 
 
 class VLM(nn.Module):
-    def __init__(self, config: VLMConfig):
+    def __init__(self, config: VLMConfig, encoder: nn.Module | None = None, connector: nn.Module | None = None,
+                 llm: nn.Module | None = None):
+        """Parts are built from `config`, or passed in already built (they must then match it)."""
         super().__init__()
         self.config = config
-        self.encoder = build_encoder(config.encoder)
-        self.llm = build_llm(config.llm)
-        self.connector = connectors.build(
+        self.encoder = encoder or build_encoder(config.encoder)
+        self.llm = llm or build_llm(config.llm)
+        self.connector = connector or connectors.build(
             config.connector, self.encoder.out_dim, self.llm.hidden_size, **config.connector_options
         )
         self._check_widths()
@@ -85,7 +88,7 @@ class VLM(nn.Module):
         except RuntimeError as error:
             raise ValueError(
                 f"connector {self.config.connector!r} does not take the vision encoder's width "
-                f"{self.encoder.out_dim}: {error}"
+                f"{self.encoder.out_dim} (LLM hidden size {self.llm.hidden_size}): {error}"
             ) from error
         if out.shape[-1] != self.llm.hidden_size:
             raise ValueError(
@@ -101,8 +104,9 @@ class VLM(nn.Module):
             pixel_values, pixel_attention_mask = _drop_padding_images(pixel_values, pixel_attention_mask)
         extra = {} if pixel_attention_mask is None else {"pixel_attention_mask": pixel_attention_mask}
         out = self.encoder(pixel_values.to(self._dtype()), **extra)
-        mask = {} if out.mask is None else {"attention_mask": out.mask}
-        return self.connector(out.features, out.grid, **mask)
+        # Only the resamplers (perceiver, qformer) can leave padded patches out; grid connectors keep the grid.
+        takes_mask = out.mask is not None and "attention_mask" in inspect.signature(self.connector.forward).parameters
+        return self.connector(out.features, out.grid, **({"attention_mask": out.mask} if takes_mask else {}))
 
     def num_image_tokens(self, grid: tuple[int, int]) -> int:
         """Image tokens per image (per tile) for an encoder grid (h, w): what the processor expands to."""
