@@ -68,7 +68,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         """Tensors and plain containers only, on the CPU: a checkpoint carrying pickled code is refused."""
-        return load_weights_only(path)
+        try:
+            return load_weights_only(path)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as error:  # torch reads an empty or cut file as an invalid argument
+            raise ValueError(f"{path} is not a readable torch checkpoint ({error}); resume from another one") from error
 
 
 def _probe_writable(directory: Path) -> None:
@@ -104,7 +109,7 @@ class FaultTolerance(L.Callback):
             return
         dirs = {Path(trainer.default_root_dir)}
         dirs |= {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
-        dirs |= {Path(lg.log_dir) for lg in trainer.loggers if getattr(lg, "log_dir", None)}
+        dirs |= {Path(lg.save_dir) for lg in trainer.loggers if getattr(lg, "save_dir", None)}
         for directory in sorted(dirs):
             _probe_writable(directory)
         for cb in trainer.checkpoint_callbacks:  # temp files of writes a kill interrupted: as large as a checkpoint
