@@ -163,6 +163,7 @@ def test_preemption_signal_saves_at_the_step_boundary_and_exits_cleanly(tmp_path
 
 
 # -- kill -9 of real training processes ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_short_fault_drill_kills_at_every_moment_and_resumes_exactly(tmp_path):
     """SIGKILL inside a step, in validation, right after a checkpoint and inside a checkpoint write
     (temp file present): the resumed run ends with the straight run's weights and per-step losses."""
