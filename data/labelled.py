@@ -24,7 +24,7 @@ def procedural_classes(label: str, split: str, count: int, size: int) -> tuple[t
     images, labels = [], []
     for seed in procedural_seeds(split, count):
         scene = random_scene(np.random.default_rng(seed), max_shapes=1)
-        images.append(torch.from_numpy(np.asarray(render(scene, size))).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(render(scene, size))).permute(2, 0, 1))
         labels.append(scene.shapes[0].kind if label == "shapes" else scene.shapes[0].color)
     return torch.stack(images).float() / 255, torch.tensor(labels)
 
