@@ -133,6 +133,12 @@ class FaultTolerance(L.Callback):
         return numbers
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run starts from a checkpoint of this very step. ModelCheckpoint does not know that and
+        # with gradient accumulation would save again after the first micro-batch: a checkpoint whose data
+        # position counts a micro-batch whose gradient it does not hold (resuming from it loses that batch).
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and trainer.global_step > 0:
+                cb._last_global_step_saved = trainer.global_step
         # Replaces Lightning's handlers (registered as fit starts): its SIGTERM handler stops validation and
         # exits without saving, its SLURM SIGUSR1 handler saves from inside the handler, mid-step.
         launcher = trainer.strategy.launcher
