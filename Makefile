@@ -3,17 +3,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench
+.PHONY: install test demo lint bench app browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,app]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# tests/test_app.py drives Debian's chromium (never a downloaded browser): installed where we run as
+# root with apt-get (CI); elsewhere the browser tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium could not be installed: the browser tests will skip"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -21,6 +29,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m scripts.demo
+
+# the web app on the models `make demo` trained; others: make app APP_ARGS="--lvm DIR --tokenizer DIR"
+app: $(STAMP)
+	$(PY) -m scripts.app $(APP_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/tokenizer.py

@@ -1,12 +1,15 @@
 """Causal attention backends, chosen at run time, all with the same contract.
 
-`build(backend, document_ids, length, device)` returns `attend(q, k, v) -> out` with
+`build(backend, document_ids, length, device, prefix_len=None)` returns `attend(q, k, v) -> out` with
     q  [B, H, L, D]      k, v  [B, Hkv, L, D]  (H a multiple of Hkv: grouped-query attention)
     out [B, H, L, D]
 Without document ids attention is plain causal. With them (int [B, L], -1 on padding) it is
 block-diagonal causal: a token sees the earlier tokens of its own document only, so sentences packed
 into one row do not attend to each other. Padding forms one block of its own, so every query sees at
 least itself and no softmax row is empty (no NaNs).
+With `prefix_len` k (an int, or long [B] for one per row) it is prefix-causal, as in PrefixLM and AIM:
+query i sees key j iff j <= max(i, k - 1), so the first k positions see each other both ways and later
+ones causally; k >= L is full bidirectional attention, k <= 1 plain causal.
 
 Backends:
     xformers  memory_efficient_attention; the fastest on CUDA, but it has no CPU kernels
@@ -39,6 +42,13 @@ def block_causal_mask(document_ids: torch.Tensor | None, length: int, device: to
         return causal[None, None]
     same_document = document_ids[:, :, None] == document_ids[:, None, :]  # [B, L, L]
     return (same_document & causal)[:, None]
+
+
+def prefix_causal_mask(prefix_len: int | torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """bool [B or 1, 1, L, L], True where query i may attend to key j: j <= max(i, k - 1)."""
+    positions = torch.arange(length, device=device)
+    k = torch.as_tensor(prefix_len, device=device).reshape(-1, 1, 1)  # [B or 1, 1, 1]
+    return (positions[None, None, :] <= torch.maximum(positions[None, :, None], k - 1))[:, None]
 
 
 # -- backend choice ------------------------------------------------------------------------------------
@@ -88,9 +98,17 @@ def _auto(device_type: str) -> str:
 
 
 # -- backends ------------------------------------------------------------------------------------------
-def build(backend: str, document_ids: torch.Tensor | None, length: int, device: torch.device) -> Attend:
+def build(
+    backend: str,
+    document_ids: torch.Tensor | None,
+    length: int,
+    device: torch.device,
+    prefix_len: int | torch.Tensor | None = None,
+) -> Attend:
     """The attend function for one forward pass; masks are built here once and shared by all layers."""
     backend = resolve_backend(backend, device)
+    if prefix_len is not None:
+        return _prefix(backend, prefix_len, length, device, document_ids)
     if backend == "xformers":
         return _xformers(document_ids)
     if backend == "flex":
@@ -101,6 +119,29 @@ def build(backend: str, document_ids: torch.Tensor | None, length: int, device: 
     if document_ids is None:
         return functools.partial(F.scaled_dot_product_attention, is_causal=True, enable_gqa=True)
     mask = block_causal_mask(document_ids, length, device)
+    return functools.partial(F.scaled_dot_product_attention, attn_mask=mask, enable_gqa=True)
+
+
+def _prefix(backend: str, prefix_len, length: int, device: torch.device, document_ids) -> Attend:
+    if document_ids is not None:
+        raise ValueError("prefix_len and document_ids do not combine: a prefix mask is for one sequence per row")
+    if isinstance(prefix_len, int) and prefix_len <= 1:  # plain causal: every backend's fast path
+        return build(backend, None, length, device)
+    mask = prefix_causal_mask(prefix_len, length, device)
+    if backend == "eager":
+        return functools.partial(_eager, mask=mask)
+    if backend == "xformers":
+        return _xformers(None, mask=mask)
+    if backend == "flex":
+        last = torch.as_tensor(prefix_len, device=device).reshape(-1) - 1  # [B or 1]
+        per_row = len(last) > 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= torch.maximum(q_idx, last[b] if per_row else last[0])
+
+        return _flex_kernel(mask_mod, len(last) if per_row else None, length, device)
+    if isinstance(prefix_len, int) and prefix_len >= length:  # bidirectional: no mask to read
+        return functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
     return functools.partial(F.scaled_dot_product_attention, attn_mask=mask, enable_gqa=True)
 
 
@@ -125,10 +166,11 @@ def xformers_bias(document_ids: torch.Tensor | None):
     return fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens((bounds[1:] - bounds[:-1]).tolist())
 
 
-def _xformers(document_ids: torch.Tensor | None) -> Attend:
+def _xformers(document_ids: torch.Tensor | None, mask: torch.Tensor | None = None) -> Attend:
+    """`mask` (bool [B or 1, 1, L, L], e.g. a prefix mask) goes in as an additive bias tensor."""
     from xformers.ops import memory_efficient_attention
 
-    bias = xformers_bias(document_ids)
+    bias = xformers_bias(document_ids) if mask is None else None
 
     def attend(q, k, v):
         batch, heads, length, dim = q.shape
@@ -138,15 +180,22 @@ def _xformers(document_ids: torch.Tensor | None) -> Attend:
         k5, v5 = (t.transpose(1, 2)[:, :, :, None].expand_as(q5) for t in (k, v))
         if document_ids is not None:  # block-diagonal biases index one flattened sequence
             q5, k5, v5 = (t.reshape(1, batch * length, *t.shape[2:]) for t in (q5, k5, v5))
-        out = memory_efficient_attention(q5, k5, v5, attn_bias=bias)
+        out = memory_efficient_attention(q5, k5, v5, attn_bias=bias if mask is None else _tensor_bias(mask, q5))
         return out.reshape(batch, length, heads, dim).transpose(1, 2)
 
     return attend
 
 
-def _flex(document_ids: torch.Tensor | None, length: int, device: torch.device) -> Attend:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _tensor_bias(mask: torch.Tensor, q5: torch.Tensor) -> torch.Tensor:
+    """bool [B or 1, 1, L, L] -> additive bias [B, Hkv, H/Hkv, L, L] in q's dtype. xformers wants the
+    key dimension's storage aligned to 8 elements: built wider, then sliced."""
+    batch, length, kv_heads, groups, _ = q5.shape
+    padded = torch.zeros(mask.shape[0], 1, 1, length, -(-length // 8) * 8, dtype=q5.dtype, device=q5.device)
+    padded[..., :length].masked_fill_(~mask[:, :, None], float("-inf"))
+    return padded[..., :length].expand(batch, kv_heads, groups, length, length)
 
+
+def _flex(document_ids: torch.Tensor | None, length: int, device: torch.device) -> Attend:
     if document_ids is None:
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -156,7 +205,12 @@ def _flex(document_ids: torch.Tensor | None, length: int, device: torch.device) 
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
-    batch = None if document_ids is None else document_ids.shape[0]
+    return _flex_kernel(mask_mod, None if document_ids is None else document_ids.shape[0], length, device)
+
+
+def _flex_kernel(mask_mod, batch: int | None, length: int, device: torch.device) -> Attend:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     block_mask = create_block_mask(mask_mod, batch, None, length, length, device=device)
     # Fused kernels need torch.compile; on CPU flex runs unfused (a reference, and torch warns so).
     kernel = torch.compile(flex_attention) if device.type == "cuda" else flex_attention

@@ -97,7 +97,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.heads, self.head_dim)  # [B, L, H, D]
         k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)  # [B, L, Hkv, D]
         v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # None: positions come from elsewhere (AIM adds sin-cos embeddings to the input)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, L, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -159,6 +160,7 @@ class LVM(nn.Module):
         Packed rows pass document_ids (int [B, L], -1 on padding) for block-diagonal causal attention
         and position_ids restarting at each document; without them: one causal sequence, positions 0..L-1.
         """
+<<<<<<< HEAD
         return self.lm_head(self._trunk(input_ids, position_ids, document_ids, inputs_embeds))  # [B, L, vocab]
 
     def loss(
@@ -180,6 +182,18 @@ class LVM(nn.Module):
 
     def _trunk(self, input_ids, position_ids=None, document_ids=None, inputs_embeds=None) -> torch.Tensor:
         """Full-sequence hidden states [B, L, C] before lm_head (forward's arguments)."""
+=======
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, inputs_embeds))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, L, C] that forward feeds to lm_head (features for probes)."""
+>>>>>>> main
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
         batch, length = x.shape[:2]
         if position_ids is None:

@@ -1,7 +1,5 @@
 """lvm.scaling: sizes and FLOPs, fits that recover known laws from noisy data, the Chinchilla runs
-against Epoch AI's published fit, and the sweep runner through the real train.py."""
-
-import csv
+against Epoch AI's published fit."""
 
 import numpy as np
 import pytest
@@ -81,35 +79,40 @@ def test_chinchilla_runs_give_epoch_ais_estimate():
     assert fit.B == pytest.approx(published["B"], rel=0.05)
 
 
-# -- the sweep runner, through train.py -------------------------------------------------------------------
-def test_sweep_trains_each_run_once_and_tabulates_its_logs(tmp_path, monkeypatch):
-    train, val = scaling.demo_shards(tmp_path / "shards", train=8, val=4)
-    tiny = ["--data.init_args.train", train, "--data.init_args.val", val, "--data.init_args.val_fraction", "0",
-            "--data.init_args.seq_len", "256", "--data.init_args.batch_size", "2",
-            "--data.init_args.num_workers", "0", "--model.init_args.warmup_steps", "1"]  # fmt: skip
-    argv = ["sweep", "--out", str(tmp_path / "sweep"), "--sizes", "32x1", "--steps", "1,2", "--", *tiny]
-    rows = scaling.main(argv)
+def test_compute_optimal_exponents_and_their_intervals_follow_alpha_and_beta():
+    rng = np.random.default_rng(1)
+    params, tokens = 10 ** rng.uniform(7, 10.5, 100), 10 ** rng.uniform(9, 12, 100)
+    loss = TRUE.predict(params, tokens) * np.exp(rng.normal(0, 0.01, 100))
+    fit = scaling.fit_chinchilla(params, tokens, loss, grid=COARSE, bootstrap=20)
+    exponents = fit.optimal_exponents()
+    assert exponents["N"][0] == pytest.approx(fit.beta / (fit.alpha + fit.beta))
+    assert exponents["N"][0] + exponents["D"][0] == pytest.approx(1.0)  # C = 6 N D: the two exponents sum to 1
+    truth = TRUE.beta / (TRUE.alpha + TRUE.beta)
+    low, high = exponents["N"][1]
+    assert low < high and abs(exponents["N"][0] - truth) < 0.05
+    assert fit.draws.shape == (20, 5)
 
-    with open(tmp_path / "sweep" / scaling.TABLE, newline="") as f:
-        table = list(csv.DictReader(f))
-    assert [r["run"] for r in table] == ["h32-l1-s1", "h32-l1-s2"]
-    config = LVMConfig.from_name("vqlm_demo", **scaling.size_overrides(32, 1))
-    for row in table:
-        run_dir = tmp_path / "sweep" / "runs" / row["run"]
-        with open(run_dir / "metrics.csv", newline="") as f:
-            metrics = list(csv.DictReader(f))
-        val_losses = [float(m["val/loss"]) for m in metrics if m["val/loss"]]
-        assert len(val_losses) == 1 and float(row["val_loss"]) == pytest.approx(val_losses[0])
-        assert float(row["train_loss"]) == pytest.approx([float(m["train/loss"]) for m in metrics if m["train/loss"]][-1])
-        steps = int(row["steps"])
-        assert max(int(m["step"]) for m in metrics if m["train/loss"]) == steps - 1
-        assert int(row["tokens"]) == steps * 2 * 256
-        assert int(row["non_embedding_params"]) == scaling.num_params(config, non_embedding=True)
-        assert int(row["flops"]) == scaling.flops_per_token(config, 256) * int(row["tokens"])
 
-    # Again: nothing is trained, except a run that never finished.
-    trained = []
-    monkeypatch.setattr(scaling, "run_one", lambda run_dir, *args: trained.append(run_dir.name))
-    (tmp_path / "sweep" / "runs" / "h32-l1-s2" / "finished").unlink()
-    assert scaling.main(argv) == rows
-    assert trained == ["h32-l1-s2"]
+def test_power_law_fit_recovers_the_exponent_with_an_interval_around_it():
+    rng = np.random.default_rng(2)
+    compute = np.logspace(15, 20, 12)
+    optimal = 3e-2 * compute**0.45 * np.exp(rng.normal(0, 0.05, 12))
+    law = scaling.fit_power_law(compute, optimal, bootstrap=200)
+    assert law.exponent == pytest.approx(0.45, abs=0.03)
+    assert law.interval[0] < law.exponent < law.interval[1] and law.interval[1] - law.interval[0] < 0.1
+    assert law.predict(1e18) == pytest.approx(3e-2 * 1e18**0.45, rel=0.2)
+
+
+def test_pareto_frontier_keeps_the_runs_no_cheaper_run_beats():
+    compute = np.array([1, 2, 2, 4, 8, 8, 16.0])
+    loss = np.array([5, 4, 4.5, 4.2, 3, 3.5, 3.1])
+    np.testing.assert_array_equal(scaling.pareto_frontier(compute, loss), [0, 1, 4])
+
+
+def test_isoflop_minima_skip_profiles_whose_minimum_lies_outside_the_sizes():
+    params = np.array([1e6, 2e6, 4e6, 1e6, 2e6, 4e6])
+    compute = np.array([1e15] * 3 + [1e16] * 3)
+    loss = np.array([3.0, 2.9, 3.0, 2.8, 2.6, 2.5])  # the second budget still falls at the largest size
+    found, optimal, _ = scaling.isoflop_minima(params, compute, loss)
+    np.testing.assert_allclose(found, [1e15])
+    assert optimal[0] == pytest.approx(2e6, rel=0.01)

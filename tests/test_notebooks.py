@@ -1,6 +1,7 @@
 """The notebooks run end to end in their small mode (CI): notebooks/scaling_laws.ipynb."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ def test_scaling_laws_notebook_in_smoke_mode(tmp_path):
     )  # fmt: skip
     with open(tmp_path / "sweep" / "sweep.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4  # 2 sizes x 2 lengths
-    for plot in ("loss_curves.png", "frontier.png", "chinchilla.png"):
+    for plot in ("loss_curves.png", "frontier.png", "isoflop.png", "chinchilla.png"):
         assert (tmp_path / "sweep" / plot).stat().st_size > 0
+    fits = json.loads((tmp_path / "sweep" / "fits.json").read_text())
+    assert fits["runs"] == 4 and set(fits["approach3"]) >= {"alpha", "beta", "N_opt_exponent"}
+    assert fits["held_out"]["observed"] > 0
     printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "Epoch AI" in printed and "alpha" in printed
