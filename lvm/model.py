@@ -160,8 +160,7 @@ class LVM(nn.Module):
         Packed rows pass document_ids (int [B, L], -1 on padding) for block-diagonal causal attention
         and position_ids restarting at each document; without them: one causal sequence, positions 0..L-1.
         """
-<<<<<<< HEAD
-        return self.lm_head(self._trunk(input_ids, position_ids, document_ids, inputs_embeds))  # [B, L, vocab]
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, inputs_embeds))
 
     def loss(
         self,
@@ -177,13 +176,8 @@ class LVM(nn.Module):
         batch, length = input_ids.shape
         if targets.shape != (batch, length - 1):
             raise ValueError(f"targets must be [B, L-1] = {(batch, length - 1)}, got {tuple(targets.shape)}")
-        hidden = self._trunk(input_ids, position_ids, document_ids)[:, :-1].flatten(0, 1)  # [B * (L-1), C]
+        hidden = self.hidden_states(input_ids, position_ids, document_ids)[:, :-1].flatten(0, 1)  # [B * (L-1), C]
         return linear_cross_entropy(hidden, self.lm_head.weight, targets.flatten(), ignore_index)
-
-    def _trunk(self, input_ids, position_ids=None, document_ids=None, inputs_embeds=None) -> torch.Tensor:
-        """Full-sequence hidden states [B, L, C] before lm_head (forward's arguments)."""
-=======
-        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, inputs_embeds))
 
     def hidden_states(
         self,
@@ -193,7 +187,6 @@ class LVM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-norm hidden states [B, L, C] that forward feeds to lm_head (features for probes)."""
->>>>>>> main
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
         batch, length = x.shape[:2]
         if position_ids is None:
