@@ -132,15 +132,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = matmul_peak()
     demo_config = LVMConfig.from_name("vqlm_demo")
+    print(f"torch threads {torch.get_num_threads()}, compile used: {args.compile}", flush=True)
     demo = compare(demo_config, 8, 256, args.repeats, autocast=False, compile=args.compile)
+    print(f"demo: {demo}", file=sys.stderr, flush=True)  # progress: a case takes minutes on a busy machine
     h1024 = compare(LVMConfig.from_name("vqlm_300m", num_layers=2), 2, 512, args.repeats, False, args.compile)
+    print(f"h1024: {h1024}", file=sys.stderr, flush=True)
     bf16 = None
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         bf16 = compare(demo_config, 8, 256, args.repeats, autocast=True, compile=args.compile)
     peak = max(peak, matmul_peak())  # before and after: the best the machine managed during the run
     fraction = h1024["flops_per_s"] / peak
 
-    print(f"torch threads {torch.get_num_threads()}, compile used: {args.compile}")
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     cases = (("vqlm_demo B8 x L256 fp32", demo), ("hidden 1024, 2 layers, B2 x L512 fp32", h1024))
     for name, result in (*cases, ("vqlm_demo B8 x L256 bf16 autocast", bf16)):
