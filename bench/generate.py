@@ -70,6 +70,7 @@ def bench_case(name: str, new_tokens: int, repeats: int, compile: bool, prompt_i
     def run_hf(n: int) -> torch.Tensor:
         out = hf.generate(
             prompt,
+            attention_mask=torch.ones_like(prompt),  # no padding (HF cannot tell, its pad id is EOS)
             max_new_tokens=n,
             min_new_tokens=n,
             do_sample=False,
