@@ -6,6 +6,8 @@
 3. lvm: train `vqlm_demo` through the Lightning CLI (configs/lvm/demo.yaml) on those shards
 4. score: free-running answers to held-out analogy prompts against two baselines (copy the query;
    the same model without the example pairs): token accuracy, changed-token accuracy, PSNR
+5. vlm: a small VLM (ViT + connector + the LVM transformer with a BPE vocabulary) trained align -> SFT on
+   procedural scenes, scored on held-out scenes against a blank image and the majority answer (vlm/demo.py)
 
 Writes <out>/metrics.json and PNG grids, and prints a table. `--smoke` shrinks every stage (tests).
 """
@@ -30,6 +32,7 @@ from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, score_analogies
 from lvm.prompting import InContextPrompter
 from tokenizer import VQGAN, to_tensor
+from vlm import demo as vlm_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompter = InContextPrompter(model, vq)
     scores = score_analogies(prompter, sentences, grid_dir=out / "grids", num_grids=2 * len(TASKS), progress=True)
     metrics.update(scores)
+
+    print("== 5/5 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
+    metrics["vlm"] = vlm_demo.run(out, smoke=args.smoke)
 
     with atomic_path(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(metrics, indent=2))

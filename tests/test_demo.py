@@ -20,6 +20,10 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert list((tmp_path / "grids").glob("*.png")) and (tmp_path / "tokenizer_reconstructions.png").exists()
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
+    vlm = metrics["vlm"]
+    assert set(vlm["qa_exact_match"]) == {"model", "blank_image", "text_only"} and vlm["count"] > 0
+    assert set(vlm["caption_f1"]) == {"model", "blank_image"}
+    assert (tmp_path / "vlm" / "qa_grid.png").exists() and (tmp_path / "vlm" / "sft" / "export" / "config.json").exists()
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]

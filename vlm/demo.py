@@ -51,7 +51,7 @@ def run(out: Path, smoke: bool = False) -> dict:
     if not (tokenizer_dir / "tokenizer.json").exists():
         train_default_tokenizer(tokenizer_dir)
     train_dir, val_dir = out / "shards" / "train", out / "shards" / "val"
-    prepare([f"scenes:{settings['train_scenes']}:train:64"], train_dir, shard_size=256, progress=False)
+    prepare([f"scenes:{settings['train_scenes']}:train:64:multi"], train_dir, shard_size=256, progress=False)
     prepare([f"scenes:{max(2, settings['heldout_scenes'] // 4)}:heldout:64"], val_dir, shard_size=256, progress=False)
     common = ["--model.tokenizer", str(tokenizer_dir), "--data.tokenizer", str(tokenizer_dir),
               "--data.train", str(train_dir), "--data.val", str(val_dir),
