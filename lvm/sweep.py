@@ -140,11 +140,13 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
 
 
 def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int], config: str = "configs/lvm/demo.yaml",
-          log_every: int = 1, train_args: Sequence[str] = (), jobs: int = 1, progress=print) -> list[dict]:  # fmt: skip
+          log_every: int = 1, train_args: Sequence[str] = (), jobs: int = 1, train: bool = True,
+          progress=print) -> list[dict]:  # fmt: skip
     """Train every (hidden, layers) size for every number of steps under out/runs/, skipping runs that
     finished before, and write out/sweep.csv with one row per run (COLUMNS, sizes x steps order). Returns the rows.
     Runs train cheapest first (size x steps), `jobs` at a time: a sweep stopped early still has every size's
-    short runs. A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
+    short runs. `train=False` trains nothing and tabulates the finished runs only (a sweep still running, or
+    stopped: fit what is there). A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
     out = Path(out).resolve()
     config = str(ROOT / config)  # train.py runs in the repository: relative paths are relative to it
     grid = list(itertools.product(sizes, steps))
@@ -154,15 +156,17 @@ def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int
         if key not in todo:
             progress(f"{dirs[key].name}: finished before, skipped")
     todo.sort(key=lambda key: key[0][0] ** 2 * key[0][1] * key[1])  # hidden^2 x layers x steps: the blocks' FLOPs
+    if not train:
+        grid, todo = [key for key in grid if key not in todo], []
     # Runs side by side each get their share of the cores (torch would start one thread per core in each).
     threads = None if jobs == 1 or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
 
-    def train(key):
+    def train_one(key):
         progress(f"{dirs[key].name}: training")
         run_one(dirs[key], config, *key[0], key[1], log_every, train_args, threads=threads)
 
     with ThreadPoolExecutor(jobs) as pool:  # threads only wait on train.py subprocesses
-        for _ in pool.map(train, todo):  # re-raises the first failure
+        for _ in pool.map(train_one, todo):  # re-raises the first failure
             pass
     rows = [run_record(dirs[key]) for key in grid]
     with open(out / TABLE, "w", newline="") as f:
@@ -188,9 +192,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--config", default="configs/lvm/demo.yaml", help="train.py config (model preset, data)")
     parser.add_argument("--log-every", type=int, default=1, help="log the training loss every N steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: one per core, OMP_NUM_THREADS=1)")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs finished so far")
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
-    rows = sweep(args.out, sizes, args.steps, args.config, args.log_every, train_args, args.jobs)
+    rows = sweep(args.out, sizes, args.steps, args.config, args.log_every, train_args, args.jobs, args.train)
     print(f"{len(rows)} runs -> {Path(args.out) / TABLE}")
     return rows
 

@@ -128,10 +128,10 @@ def test_perplexity_is_exp_mean_nll_of_the_target_tokens(prompter):
     assert value == pytest.approx(math.exp(sum(nll) / TOKENS), rel=1e-4)
 
 
-def test_analogy_scores_and_copy_baseline(prompter, tmp_path):
+def test_analogy_scores_and_copy_baseline(prompter):
     # Two prompt lengths in one batch: generate gets prompts of different lengths.
     batch = sentences([("flip", 2), ("recolor", 3)])
-    scores = score_analogies(prompter, batch, batch_size=4, grid_dir=tmp_path, num_grids=3)
+    scores, examples = score_analogies(prompter, batch, batch_size=4, keep_examples=2)  # 2 sentences per task
 
     truth = prompter.encode([s.answer for s in batch])
     query = prompter.encode([s.prompt[-1] for s in batch])
@@ -143,7 +143,9 @@ def test_analogy_scores_and_copy_baseline(prompter, tmp_path):
         assert set(scores[metric]) == set(METHODS)
     assert set(scores["per_task"]) == {"flip", "recolor"} and scores["per_task"]["flip"]["count"] == 2
     assert all(0 <= scores["token_accuracy"][m] <= 1 for m in METHODS)
-    assert len(scores["grids"]) == 3 and all(Path(p).exists() for p in scores["grids"])
+    assert {task: len(rows) for task, rows in examples.items()} == {"flip": 2, "recolor": 2}
+    row = examples["flip"][0]  # what the grid shows: the examples, the query, each method's answer, the truth
+    assert len(row.examples) == 2 and set(row.answers) == set(METHODS) and row.truth.size == (SIZE, SIZE)
 
 
 # -- bad input: errors before any generation --------------------------------------------------------------------
@@ -214,7 +216,8 @@ def test_eval_script(checkpoints, tmp_path):
     common = ["--model", checkpoints / "lvm", "--tokenizer", checkpoints / "vq"]
     assert main("perplexity", *common, "--prompt", checkpoints / "0.png", "--target", checkpoints / "1.png") > 1
     scores = main(
-        "analogies", *common, "--tasks", "flip,colorize", "--per-task", 1, "--n-shots", 2, "--grids", 1, "--out", tmp_path
+        "analogies", *common, "--tasks", "flip,colorize", "--per-task", 1, "--n-shots", 2, "--grid-rows", 1, "--out", tmp_path
     )
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(scores))
-    assert set(scores["per_task"]) == {"flip", "colorize"} and len(scores["grids"]) == 1
+    assert set(scores["per_task"]) == {"flip", "colorize"}
+    assert sorted(Path(p).name for p in scores["grids"]) == ["colorize.png", "flip.png"]

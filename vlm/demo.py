@@ -11,35 +11,15 @@ Each stage is reused when its outputs exist, like the rest of the demo.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/vlm/demo.yaml"
 FULL = dict(train_scenes=3000, heldout_scenes=60, align_steps=150, sft_steps=1500, val_every=500)
 SMOKE = dict(train_scenes=8, heldout_scenes=2, align_steps=2, sft_steps=2, val_every=2)
 
 
-def train_stage(run: Path, args: list[str]) -> Path:
-    """train.py fit on the demo config with outputs under `run`; resumes from a last.ckpt; reuses an export."""
-    exported = run / "export"
-    if (exported / "config.json").exists():
-        return exported
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "csv"}}]
-    command = [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / CONFIG),
-        "--trainer.default_root_dir", str(run), "--trainer.logger", json.dumps(loggers),
-        "--trainer.callbacks.init_args.dirpath", str(run / "checkpoints"), "--model.export_dir", str(exported), *args,
-    ]  # fmt: skip
-    if (run / "checkpoints" / "last.ckpt").exists():
-        command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
-    subprocess.run(command, check=True)
-    return exported
-
-
-def run(out: Path, smoke: bool = False) -> dict:
+def run(out: Path, train, smoke: bool = False) -> dict:
+    """train(config, run_dir, extra_args) -> export dir: the demo's way to fit through train.py (scripts/demo.py)."""
     from vlm import VLM
     from vlm.evaluation import Chat, score_scenes
     from vlm.prepare import prepare
@@ -56,19 +36,18 @@ def run(out: Path, smoke: bool = False) -> dict:
     common = ["--model.tokenizer", str(tokenizer_dir), "--data.tokenizer", str(tokenizer_dir),
               "--data.train", str(train_dir), "--data.val", str(val_dir),
               "--trainer.val_check_interval", str(settings["val_every"])]  # fmt: skip
-    align = train_stage(out / "align", [*common, "--model.train_parts", "[connector]", "--model.warmup_steps", "10",
+    align = train(CONFIG, out / "align", [*common, "--model.train_parts", "[connector]", "--model.warmup_steps", "10",
                                         "--trainer.max_steps", str(settings["align_steps"])])
-    sft = train_stage(out / "sft", [*common, "--model.init_from", str(align), "--model.vlm", "null",
+    sft = train(CONFIG, out / "sft", [*common, "--model.init_from", str(align), "--model.vlm", "null",
                                     "--trainer.max_steps", str(settings["sft_steps"])])
     chat = Chat(VLM.from_pretrained(sft), load_text_tokenizer(tokenizer_dir))
-    metrics = score_scenes(chat, settings["heldout_scenes"], grid_path=out / "qa_grid.png")
-    print_table(metrics)
-    return metrics
+    return score_scenes(chat, settings["heldout_scenes"], grid_path=out / "qa_grid.png")
 
 
-def print_table(metrics: dict) -> None:
-    print(f"\n{'held-out scenes':<26}{'model':>12}{'blank image':>13}{'text only':>11}")
-    qa = metrics["qa_exact_match"]
-    print(f"{'QA exact match':<26}{qa['model']:>12.3f}{qa['blank_image']:>13.3f}{qa['text_only']:>11.3f}")
-    caption = metrics["caption_f1"]
-    print(f"{'caption token F1':<26}{caption['model']:>12.3f}{caption['blank_image']:>13.3f}")
+def table_lines(metrics: dict) -> list[str]:
+    qa, caption = metrics["qa_exact_match"], metrics["caption_f1"]
+    return [
+        f"{'VLM, held-out scenes':<26}{'model':>12}{'blank image':>13}{'text only':>11}",
+        f"{'QA exact match':<26}{qa['model']:>12.3f}{qa['blank_image']:>13.3f}{qa['text_only']:>11.3f}",
+        f"{'caption token F1':<26}{caption['model']:>12.3f}{caption['blank_image']:>13.3f}",
+    ]
