@@ -39,6 +39,7 @@ from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, metrics_table, psnr, score_analogies
 from lvm.figures import display_side, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
+from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_tensor
 from vlm import demo as vlm_demo
 
@@ -176,19 +177,21 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
 
-    print("== 1/5 tokenizer", flush=True)
+    print("== 1/6 tokenizer", flush=True)
     vq, metrics["tokenizer"] = tokenizer_stage(out, settings)
-    print("== 2/5 shards", flush=True)
+    print("== 2/6 shards", flush=True)
     train_dir, val_dir, metrics["shards"] = shards_stage(out, vq, settings)
-    print("== 3/5 lvm", flush=True)
+    print("== 3/6 lvm", flush=True)
     model = lvm_stage(out, train_dir, val_dir, settings)
-    print("== 4/5 held-out analogies", flush=True)
+    print("== 4/6 held-out analogies", flush=True)
     metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
-
-    print("== 5/5 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
+    print("== 5/6 aim: train aim_demo, probe it beside the LVM", flush=True)
+    metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
+    print("== 6/6 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
     metrics["vlm"] = vlm_demo.run(out, train_with_cli, smoke=args.smoke)
 
     report(out, metrics, examples)
+    print_aim(metrics["aim"])
     return metrics
 
 
