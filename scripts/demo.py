@@ -35,6 +35,7 @@ from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, metrics_table, psnr, score_analogies
 from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
+from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_pil, to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = lvm_stage(out, train_dir, val_dir, settings)
     print("== 4/4 held-out analogies", flush=True)
     metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
+    print("== aim: train aim_demo, probe it beside the LVM", flush=True)
+    metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
+    print_aim(metrics["aim"])
 
-    report(out, metrics, examples)
+    report(out, metrics, examples)  # last: the console ends with the table and the pictures' paths
     return metrics
 
 
