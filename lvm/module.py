@@ -77,7 +77,7 @@ class LVMModule(PretrainingModule):
         if data is not None and hasattr(data, "tokenizer_info"):  # a TokenDataModule
             self.check_data(data.tokenizer_info["codebook_size"], data.seq_len)
         if self.hparams.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+            self.model.compile_blocks()
 
     def check_data(self, codebook_size: int, seq_len: int) -> None:
         """Raise if the token data does not fit this model: other image codes, or rows beyond its positions."""
@@ -112,10 +112,13 @@ class LVMModule(PretrainingModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss", "ce", and with a teacher "kl"}: means over the predictable target tokens."""
         targets = next_token_targets(batch["labels"], batch["document_ids"])
+        if self.teacher is None:  # the fused loss: no [B, L, vocab] logits in memory
+            ce = self.model.loss(
+                batch["input_ids"], targets, batch["position_ids"], batch["document_ids"], ignore_index=IGNORE_INDEX
+            )
+            return {"loss": ce, "ce": ce}
         logits = self(batch)[:, :-1].float()  # fp32 softmax: bf16 log-probs are too coarse for the loss
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if self.teacher is None:
-            return {"loss": ce, "ce": ce}
         with torch.no_grad():
             teacher_logits = self.teacher(
                 batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]

@@ -104,13 +104,10 @@ class App:
         self.chat = chat  # the VLM chat tab's model, when --vlm is given
         self.workdir = workdir
         self.sources = sources  # what was loaded from where, for the info tab
-        self.count = 0
 
     def _new_dir(self, kind: str) -> Path:
-        self.count += 1
-        directory = self.workdir / f"{kind}{self.count:05d}"
-        directory.mkdir(parents=True)
-        return directory
+        """A fresh folder per request (handlers outside the model queue run in parallel threads)."""
+        return Path(tempfile.mkdtemp(prefix=kind, dir=self.workdir))
 
     def _save(self, images: list[Image.Image], kind: str, names: list[str]) -> list[str]:
         directory = self._new_dir(kind)

@@ -8,6 +8,8 @@
 4. analogies: free-running answers to held-out analogy prompts against two baselines (copy the query;
    the same model without the example pairs): token accuracy, changed-token accuracy, PSNR; a
    labelled grid per task
+5. vlm: a small VLM (ViT + connector + the LVM transformer with a BPE vocabulary) trained align -> SFT on
+   procedural scenes, scored on held-out scenes against a blank image and the majority answer (vlm/demo.py)
 
 Each stage is one function that takes the output directory (and what earlier stages made) and returns
 its metrics; `main` runs them in order, then `report` writes <out>/metrics.json (one entry per stage),
@@ -37,6 +39,7 @@ from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
 from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_pil, to_tensor
+from vlm import demo as vlm_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -153,6 +156,9 @@ def report(out: Path, metrics: dict, examples: dict) -> list[Path]:
     print(f"shards: {metrics['shards']}")
     print("\nheld-out analogies (changed acc: accuracy on the tokens the answer changes; PSNR of the decoded answer)")
     print("\n".join(table))
+    if "vlm" in metrics:
+        print("\n" + "\n".join(vlm_demo.table_lines(metrics["vlm"])))
+        pictures.append(out / "vlm" / "qa_grid.png")
     print("\npictures:\n" + "\n".join(f"  {path}" for path in pictures) + f"\nmetrics: {out / 'metrics.json'}")
     return pictures
 
@@ -167,19 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
 
-    print("== 1/4 tokenizer", flush=True)
+    print("== 1/6 tokenizer", flush=True)
     vq, metrics["tokenizer"] = tokenizer_stage(out, settings)
-    print("== 2/4 shards", flush=True)
+    print("== 2/6 shards", flush=True)
     train_dir, val_dir, metrics["shards"] = shards_stage(out, vq, settings)
-    print("== 3/4 lvm", flush=True)
+    print("== 3/6 lvm", flush=True)
     model = lvm_stage(out, train_dir, val_dir, settings)
-    print("== 4/4 held-out analogies", flush=True)
+    print("== 4/6 held-out analogies", flush=True)
     metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
-    print("== aim: train aim_demo, probe it beside the LVM", flush=True)
+    print("== 5/6 aim: train aim_demo, probe it beside the LVM", flush=True)
     metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
+    print("== 6/6 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
+    metrics["vlm"] = vlm_demo.run(out, train_with_cli, smoke=args.smoke)
     print_aim(metrics["aim"])
 
-    report(out, metrics, examples)  # last: the console ends with the table and the pictures' paths
+    report(out, metrics, examples)  # last: the console ends with the tables and the pictures' paths
     return metrics
 
 
