@@ -107,7 +107,7 @@ def score_scenes(chat: Chat, count: int, size: int = 64, grid_path: Path | None 
     model_captions = chat.caption(scene_images)
     blank_captions = chat.caption([blank] * len(scene_images))
     per_type = {
-        t: {name: exact_match([a for a, k in zip(answers, types) if k == t], [a for a, k in zip(truths, types) if k == t])
+        t: {name: exact_match([a for a, k in zip(answers, types, strict=False) if k == t], [a for a, k in zip(truths, types, strict=False) if k == t])
             for name, answers in (("model", model_answers), ("blank_image", blank_answers), ("text_only", blind))}
         for t in sorted(set(types))
     }
@@ -120,8 +120,8 @@ def score_scenes(chat: Chat, count: int, size: int = 64, grid_path: Path | None 
         "caption_f1": {"model": token_f1(model_captions, captions), "blank_image": token_f1(blank_captions, captions)},
         "count": len(questions),
         "captions": len(captions),
-        "examples": [{"question": q, "answer": a, "truth": t} for q, a, t in zip(questions[:8], model_answers, truths)],
-        "caption_examples": [{"caption": c, "truth": t} for c, t in zip(model_captions[:4], captions)],
+        "examples": [{"question": q, "answer": a, "truth": t} for q, a, t in zip(questions[:8], model_answers, truths, strict=False)],
+        "caption_examples": [{"caption": c, "truth": t} for c, t in zip(model_captions[:4], captions, strict=False)],
     }
 
 
@@ -132,9 +132,9 @@ def save_qa_grid(path: Path, images: list[Image.Image], questions: list[str], an
     canvas = Image.new("RGB", (sum(widths), header + cell * len(images)), "white")
     draw = ImageDraw.Draw(canvas)
     for x, title in zip((0, widths[0], widths[0] + widths[1], widths[0] + widths[1] + widths[2]),
-                        ("image", "question", "model", "truth")):
+                        ("image", "question", "model", "truth"), strict=False):
         draw.text((x + 4, 4), title, fill="black")
-    for row, (image, question, answer, truth) in enumerate(zip(images, questions, answers, truths)):
+    for row, (image, question, answer, truth) in enumerate(zip(images, questions, answers, truths, strict=False)):
         y = header + row * cell
         canvas.paste(image.resize((cell, cell), Image.NEAREST), (0, y))
         x = widths[0]
