@@ -56,7 +56,6 @@ class AIMConfig:
     norm_eps: float = 1e-6  # ml-aim's LayerNorm eps
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | xformers | sdpa | flex | eager, see lvm/attention.py
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -90,7 +89,6 @@ class AIMConfig:
             name=self.name, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_layers=self.num_layers, num_heads=self.num_heads, rms_norm_eps=self.norm_eps,
             init_std=self.init_std, attn_backend=self.attn_backend,
-            activation_checkpointing=self.activation_checkpointing,
         )  # fmt: skip
 
     def head_config(self) -> LVMConfig:
@@ -162,6 +160,7 @@ class AIM(nn.Module):
     def __init__(self, config: AIMConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # a training switch, as LVM.activation_checkpointing
         trunk, head = config.trunk_config(), config.head_config()
         self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
         self.patch_norm = RMSNorm(config.hidden_size, config.norm_eps)  # ml-aim's PatchEmbed norm_layer
@@ -198,7 +197,7 @@ class AIM(nn.Module):
         attend = attention.build(self.config.attn_backend, None, x.shape[1], x.device, prefix_len=prefix_len)
         outputs = []
         for block in self.layers:
-            if self.config.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, None, None, attend, use_reentrant=False)
             else:
                 x = block(x, None, None, attend)  # no rotary: positions are in x

@@ -29,7 +29,6 @@ class LVMConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | xformers | sdpa | flex | eager, see lvm/attention.py
-    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
 
     def __post_init__(self):
         if self.num_kv_heads is None:

@@ -30,6 +30,7 @@ from lvm.checkpoints import atomic_path
 from lvm.evaluation import heldout_analogies, score_analogies
 from lvm.prompting import InContextPrompter
 from tokenizer import VQGAN, to_tensor
+from tokenizer.images import psnr
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -72,9 +73,8 @@ def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
 def score_tokenizer(vq: VQGAN, out: Path) -> dict:
     images = to_tensor(embedded_photos("val"), vq.config.resolution)
     recon = vq.decode(vq.encode(images))
-    mse = (images - recon).pow(2).mean(dim=(1, 2, 3))
     torchvision.utils.save_image(torch.cat([images, recon]), out / "tokenizer_reconstructions.png", nrow=len(images))
-    return {"val_l1": float((images - recon).abs().mean()), "val_psnr": float((-10 * mse.log10()).mean())}
+    return {"val_l1": float((images - recon).abs().mean()), "val_psnr": float(psnr(recon, images).mean())}
 
 
 def make_shards(vq: VQGAN, directory: Path, split: str, count: int) -> dict:

@@ -20,8 +20,9 @@ from PIL import Image
 
 from lvm import LVM, LVMConfig
 from lvm.evaluation import heldout_analogies
-from lvm.prompting import InContextPrompter, load_prompt_image
+from lvm.prompting import InContextPrompter
 from tokenizer import VQGAN
+from tokenizer.images import resolve_image
 
 pytest.importorskip("gradio", reason="the app needs the `app` extra: pip install -e '.[app]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the `app` extra")
@@ -59,7 +60,7 @@ def files(tmp_path_factory):
     sentence = heldout_analogies(["recolor"], 1, 3, 16)[0]  # 2 example pairs + the query
     prompt = []
     for i, image in enumerate(sentence.prompt):
-        load_prompt_image(image).save(root / f"{i}.png")
+        resolve_image(image).save(root / f"{i}.png")
         prompt.append(root / f"{i}.png")
     (root / "bad.png").write_text("not an image")
     return root, prompt

@@ -187,6 +187,15 @@ def test_distillation_adds_temperature_scaled_kl_and_keeps_the_teacher_out_of_ch
 
 
 # -- bad input -------------------------------------------------------------------------------------------
+def test_activation_checkpointing_is_a_training_switch():
+    """Catches the switch not reaching the model, or leaking into the model's config (and so its exports)."""
+    module = LVMModule(**TINY, activation_checkpointing=True)
+    assert module.model.activation_checkpointing and not hasattr(module.config, "activation_checkpointing")
+    with pytest.warns(FutureWarning, match="moved to model.activation_checkpointing"):  # the old spelling
+        old = LVMModule(model="vqlm_tiny", model_overrides={**SHAPE, "activation_checkpointing": True})
+    assert old.model.activation_checkpointing and old.config == module.config
+
+
 def test_vocab_must_hold_codebook_and_specials():
     with pytest.raises(ValueError, match="vocab_size 65 is smaller than codebook_size 64"):
         LVMModule(model="vqlm_tiny", model_overrides={"codebook_size": CODES, "vocab_size": CODES + 1})
@@ -243,7 +252,7 @@ def test_configs_set_the_recipe_and_instantiate(path, shards):
         parser.add_argument("--strategy", type=FSDPStrategy)
         strategy = parser.instantiate(parser.parse_object({"strategy": trainer["strategy"]})).strategy
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
-        assert model["model_overrides"]["activation_checkpointing"]
+        assert model["activation_checkpointing"]
 
 
 # -- several processes through the CLI ---------------------------------------------------------------------
