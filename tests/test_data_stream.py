@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_data_shards import write_synthetic
+from helpers import write_synthetic
 
 from data.datamodule import STREAM_STATE, TokenDataModule
 from data.packing import IGNORE_INDEX, Packer, collate_rows, cu_seqlens

@@ -128,8 +128,22 @@ def test_mode_dtype_and_lengths():
     assert model.generate(prompts(3), max_new_tokens=0).shape == (1, 0)
     assert model.generate(prompts(3), max_new_tokens=1, temperature=0).shape == (1, 1)
     assert model.training  # eval during generation, the caller's mode after
+
+
+def test_bf16_generation_follows_the_fp32_model():
+    """Catches a bf16 cache path that decodes garbage or a constant (ids inside the codebook are not
+    enough): each greedy bf16 token is among the fp32 model's top 3 for the prefix it was generated from."""
+    model = tiny()
     half = tiny().to(torch.bfloat16)
-    assert half.generate(prompts(4, 6), max_new_tokens=6, top_p=0.9, seed=0).max() < CODEBOOK
+    half.load_state_dict(model.state_dict())  # the same weights, rounded to bf16
+    batch = prompts(4, 6)
+    new = half.generate(batch, max_new_tokens=6, temperature=0)
+    assert new.dtype == torch.long
+    for row, prompt in zip(new, batch, strict=True):
+        ids = torch.cat([prompt, row])
+        for t, token in enumerate(row.tolist()):
+            top3 = image_logits(model, ids[None, : len(prompt) + t]).topk(3).indices[0].tolist()
+            assert token in top3, (t, token, top3)
 
 
 @pytest.mark.parametrize(
