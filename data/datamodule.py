@@ -107,11 +107,27 @@ class TokenStream(IterableDataset):
             keep = shard_set.weight - repeat if repeat == passes - 1 else 1.0
             thin = _rng(self.seed, self.epoch, index, repeat, reader, 1)
             for shard in shards[reader::readers]:
-                for sample in read_shard(shard, stats, self.codebook_size):
+                for sample in self.read(shard, stats):
                     if keep >= 1.0 or thin.random() < keep:
-                        yield sample.tokens
+                        yield sample
 
-    def _mixed(self, reader: int, readers: int, stats: ShardStats) -> Iterator[np.ndarray]:
+    # -- what a sample is: token sentences here; vlm.data.VLMStream reads conversations with images ------
+    def read(self, shard: Path, stats: ShardStats) -> Iterator:
+        """The samples of one shard (corrupt ones counted in `stats` and skipped)."""
+        for sample in read_shard(shard, stats, self.codebook_size):
+            yield sample.tokens
+
+    def new_packer(self) -> Packer:
+        return Packer(self.seq_len, self.bos_id, self.eos_id, self.cross_rows, self.long_sentences)
+
+    def pack(self, packer: Packer, sample) -> Iterator:
+        """The rows one sample completes."""
+        return packer.add(sample)
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        return collate_rows(rows)
+
+    def _mixed(self, reader: int, readers: int, stats: ShardStats) -> Iterator:
         """Samples of all sets, interleaved at random in proportion to the set weights."""
         streams = [self._set_samples(i, s, reader, readers, stats) for i, s in enumerate(self.sets)]
         weights = [s.weight for s in self.sets]
@@ -124,7 +140,7 @@ class TokenStream(IterableDataset):
             except StopIteration:
                 del streams[choice], weights[choice]
 
-    def _shuffled(self, samples: Iterator[np.ndarray], reader: int) -> Iterator[np.ndarray]:
+    def _shuffled(self, samples: Iterator, reader: int) -> Iterator:
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -142,20 +158,20 @@ class TokenStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         role, reader, readers = self.reader()
         shard_stats = ShardStats()
-        packer = Packer(self.seq_len, self.bos_id, self.eos_id, self.cross_rows, self.long_sentences)
+        packer = self.new_packer()
         skip = self.skip.get(role, 0)
         rows, batch_index = [], 0
 
         def batch() -> dict[str, torch.Tensor]:
-            out = collate_rows(rows)
+            out = self.collate(rows)
             if self.tag:
                 values = (role, batch_index, *asdict(shard_stats).values(), packer.stats.split_sentences,
                           packer.stats.dropped_sentences)  # fmt: skip
                 out[STREAM_STATE] = torch.tensor(values, dtype=torch.long)
             return out
 
-        for tokens in self._shuffled(self._mixed(reader, readers, shard_stats), reader):
-            for row in packer.add(tokens):
+        for sample in self._shuffled(self._mixed(reader, readers, shard_stats), reader):
+            for row in self.pack(packer, sample):
                 rows.append(row)
                 if len(rows) == self.batch_size:
                     if batch_index >= skip:
@@ -204,16 +220,21 @@ class TokenDataModule(L.LightningDataModule):
         self.val_fraction, self.seq_len, self.batch_size, self.num_workers = val_fraction, seq_len, batch_size, num_workers
         self.seed, self.shuffle_buffer, self.cross_rows, self.long_sentences = seed, shuffle_buffer, cross_rows, long_sentences
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
-        infos = {d: read_dataset_info(d) for d in [*self.train_weights, *self.val_dirs]}
-        self.tokenizer_info = check_same_tokenizer(infos)
-        bos, eos = special_tokens(self.tokenizer_info["codebook_size"])
-        self.bos_id = bos if bos_id is None else bos_id
-        self.eos_id = eos if eos_id is None else eos_id
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.check_sources()
         self._epoch = 0
         self._consumed: dict[int, int] = {}  # worker role -> batches consumed this epoch
         self._next_role = 0  # the role whose batch comes next (see TokenStream)
         self._worker_stats: dict[int, list[int]] = {}
         self._resume: dict | None = None
+
+    def check_sources(self) -> None:
+        """Before any compute: every shard set was written by the same image tokenizer; BOS/EOS follow it."""
+        infos = {d: read_dataset_info(d) for d in [*self.train_weights, *self.val_dirs]}
+        self.tokenizer_info = check_same_tokenizer(infos)
+        bos, eos = special_tokens(self.tokenizer_info["codebook_size"])
+        self.bos_id = bos if self.bos_id is None else self.bos_id
+        self.eos_id = eos if self.eos_id is None else self.eos_id
 
     # -- shard selection ---------------------------------------------------------------------------
     def _is_val_shard(self, path: Path) -> bool:

@@ -49,6 +49,8 @@ class Row:
     document_ids: np.ndarray  # int32 [L]
     position_ids: np.ndarray  # int64 [L]
     length: int  # tokens before padding
+    labels: np.ndarray  # int64 [L]: the documents' labels (their ids unless given), IGNORE_INDEX on padding
+    payloads: list = field(default_factory=list)  # per document of the row, in order (e.g. a VLM's images)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Packer:
         if self.long_sentences not in ("split", "drop"):
             raise ValueError(f"long_sentences must be 'split' or 'drop', got {self.long_sentences!r}")
         self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._payloads: list = []
         self._docs: list[np.ndarray] = []
         self._pos: list[np.ndarray] = []
         self._filled = 0
@@ -88,21 +92,35 @@ class Packer:
     def add(self, tokens: np.ndarray) -> Iterator[Row]:
         """Add one sentence; yields the rows it completes."""
         for document in self.documents(tokens):
-            self.stats.documents += 1
-            if not self.cross_rows and len(document) > self.seq_len - self._filled:
+            yield from self.add_document(document)
+
+    def add_document(self, document: np.ndarray, labels: np.ndarray | None = None, payload=None) -> Iterator[Row]:
+        """Add one document (int64 ids [n], its labels [n] or the ids themselves); yields the rows it
+        completes. A document with a payload (what must travel with its tokens, such as images) is never
+        cut: it needs cross_rows=False and at most seq_len tokens."""
+        if payload is not None and (self.cross_rows or len(document) > self.seq_len):
+            raise ValueError(
+                f"a document with a payload must fit one row whole (cross_rows=False, {len(document)} <= {self.seq_len} tokens)"
+            )
+        labels = document if labels is None else labels
+        self.stats.documents += 1
+        if not self.cross_rows and len(document) > self.seq_len - self._filled and self._filled:
+            yield self._emit()
+        if payload is not None:
+            self._payloads.append(payload)
+        offset = 0
+        while offset < len(document):
+            take = min(self.seq_len - self._filled, len(document) - offset)
+            self._ids.append(document[offset : offset + take])
+            self._labels.append(labels[offset : offset + take])
+            self._docs.append(np.full(take, self._doc_in_row, np.int32))
+            self._pos.append(np.arange(offset, offset + take, dtype=np.int64))
+            self._filled += take
+            offset += take
+            if self._filled == self.seq_len:
                 yield self._emit()
-            offset = 0
-            while offset < len(document):
-                take = min(self.seq_len - self._filled, len(document) - offset)
-                self._ids.append(document[offset : offset + take])
-                self._docs.append(np.full(take, self._doc_in_row, np.int32))
-                self._pos.append(np.arange(offset, offset + take, dtype=np.int64))
-                self._filled += take
-                offset += take
-                if self._filled == self.seq_len:
-                    yield self._emit()
-                else:
-                    self._doc_in_row += 1
+            else:
+                self._doc_in_row += 1
 
     def flush(self) -> Iterator[Row]:
         """The last, padded row, if anything is left."""
@@ -116,8 +134,10 @@ class Packer:
             document_ids=np.concatenate([*self._docs, np.full(pad, PAD_DOCUMENT, np.int32)]),
             position_ids=np.concatenate([*self._pos, np.zeros(pad, np.int64)]),
             length=self._filled,
+            labels=np.concatenate([*self._labels, np.full(pad, IGNORE_INDEX, np.int64)]),
+            payloads=self._payloads,
         )
-        self._ids, self._docs, self._pos = [], [], []
+        self._ids, self._labels, self._payloads, self._docs, self._pos = [], [], [], [], []
         self._filled = self._doc_in_row = 0
         self.stats.rows += 1
         return row
@@ -125,13 +145,10 @@ class Packer:
 
 def collate_rows(rows: list[Row]) -> dict[str, torch.Tensor]:
     """Rows -> the batch dict the model takes: input_ids, labels, document_ids, position_ids [B, L]."""
-    input_ids = torch.from_numpy(np.stack([r.input_ids for r in rows]))
-    document_ids = torch.from_numpy(np.stack([r.document_ids for r in rows]))
-    labels = input_ids.masked_fill(document_ids == PAD_DOCUMENT, IGNORE_INDEX)
     return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "document_ids": document_ids,
+        "input_ids": torch.from_numpy(np.stack([r.input_ids for r in rows])),
+        "labels": torch.from_numpy(np.stack([r.labels for r in rows])),
+        "document_ids": torch.from_numpy(np.stack([r.document_ids for r in rows])),
         "position_ids": torch.from_numpy(np.stack([r.position_ids for r in rows])),
     }
 

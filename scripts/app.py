@@ -50,9 +50,20 @@ def on_page(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ValueError as error:
-            raise gr.Error(str(error), duration=None, print_exception=False) from None
+            raise gr.Error(str(error), duration=30, print_exception=False) from None
 
     return wrapper
+
+
+def preview(files: list[str] | None, check: Callable, shown: Callable) -> tuple[list, str]:
+    """Uploads -> (gallery, status line). A problem goes in the status line, beside the files, where it
+    stays until the files change (a message box would cover the page and fade)."""
+    if not files:
+        return [], ""
+    try:
+        return shown(check(files))
+    except ValueError as error:
+        return [], f"**Cannot use these files:** {error}"
 
 
 def natural_key(path: str) -> list:
@@ -129,13 +140,12 @@ class App:
         self.prompter.check_fits(len(images))
         return images
 
-    @on_page
     def preview_analogy(self, files):
-        if not files:
-            return [], ""
-        images = self.check_analogy(files)
-        roles = [f"{'x' if i % 2 == 0 else 'y'}{i // 2 + 1}" for i in range(len(images) - 1)] + ["query"]
-        return list(zip(images, roles, strict=True)), f"{len(images) // 2} example pair(s) and a query"
+        def shown(images):
+            roles = [f"{'x' if i % 2 == 0 else 'y'}{i // 2 + 1}" for i in range(len(images) - 1)] + ["query"]
+            return list(zip(images, roles, strict=True)), f"{len(images) // 2} example pair(s) and a query"
+
+        return preview(files, self.check_analogy, shown)
 
     @on_page
     def analogy_preset(self, task: str, index: float, pairs: float):
@@ -170,12 +180,11 @@ class App:
             )
         return frames
 
-    @on_page
     def preview_frames(self, files):
-        if not files:
-            return [], ""
-        frames = self.check_frames(files)
-        return [(frame, f"frame {i + 1}") for i, frame in enumerate(frames)], f"{len(frames)} frame(s)"
+        def shown(frames):
+            return [(frame, f"frame {i + 1}") for i, frame in enumerate(frames)], f"{len(frames)} frame(s)"
+
+        return preview(files, self.check_frames, shown)
 
     @on_page
     def video_preset(self, index: float, count: float):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data.procedural import moving_shapes, procedural_seeds
 from lvm import LVM, LVMConfig
 from lvm.evaluation import heldout_analogies
 from lvm.prompting import InContextPrompter
@@ -142,9 +143,15 @@ def screenshot(page, name: str, keep_messages: bool = False) -> None:
     page.screenshot(path=ARTIFACTS / name, full_page=True)
 
 
-def test_analogy_greedy_answer_while_another_session_uploads_bad_files(server, browser, files):
+@pytest.fixture(scope="module")
+def prompter(files) -> InContextPrompter:
+    """The same models in this process: what the page must show, computed without it."""
+    root, _ = files
+    return InContextPrompter(LVM.from_pretrained(root / "lvm"), VQGAN.from_pretrained(root / "vq"))
+
+
+def test_analogy_greedy_answer_while_another_session_uploads_bad_files(server, browser, files, prompter):
     root, prompt = files
-    prompter = InContextPrompter(LVM.from_pretrained(root / "lvm"), VQGAN.from_pretrained(root / "vq"))
     greedy = prompter.analogy(prompt, num_candidates=2, temperature=0)  # the page's default: 2 candidates
     expected = np.asarray(greedy.generated[0][0])
 
@@ -156,11 +163,16 @@ def test_analogy_greedy_answer_while_another_session_uploads_bad_files(server, b
 
     # Meanwhile, in another session: a file that is not an image, then a wrong count.
     other.locator("#incontext-files input[type=file]").set_input_files(root / "bad.png")
-    sync_api.expect(other.get_by_text("'bad.png' is not an image file")).to_be_visible()
+    sync_api.expect(other.locator("#incontext-status")).to_contain_text("'bad.png' is not an image file")
     screenshot(other, "bad_upload.png", keep_messages=True)
     other.locator("#incontext-files").get_by_role("button", name="Clear").click()  # uploads add to the list
     other.locator("#incontext-files input[type=file]").set_input_files(prompt[:4])
-    sync_api.expect(other.get_by_text("an odd number of images")).to_be_visible()
+    sync_api.expect(other.locator("#incontext-status")).to_contain_text("an odd number of images")
+    other.click("#incontext-run")  # generating anyway: the same message, in a message box
+    sync_api.expect(other.locator(".toast-wrap")).to_contain_text("an odd number of images")
+    other.get_by_role("button", name="Close", exact=True).click()
+    other.click("#incontext-load")  # a held-out preset replaces the files
+    sync_api.expect(other.locator("#incontext-status")).to_contain_text("3 example pair(s) and a query")
 
     answer = image_at(user, "#incontext-out")
     assert answer.shape == expected.shape == (16, 16, 3)
@@ -175,19 +187,22 @@ def test_analogy_greedy_answer_while_another_session_uploads_bad_files(server, b
     assert "Traceback" not in user.content() + other.content()
 
 
-def test_video_and_info_tabs(server, browser, files):
+def test_video_and_info_tabs(server, browser, files, prompter):
     root, _ = files
+    clip = moving_shapes(procedural_seeds("heldout", 1)[0], 8, 16)[0].images[:4]  # the page's example clip 0
+    expected = np.asarray(prompter.continue_sequence(clip, 2, temperature=0).generated[0][0])
     page = open_page(browser, server)
     page.get_by_role("tab", name="Video").click()
     too_many = [
         shutil.copy(root / f"{i % 5}.png", root / f"frame{i:02d}.png") for i in range(15)
     ]  # window: 14
     page.locator("#video-files input[type=file]").set_input_files(too_many)
-    sync_api.expect(page.get_by_text("more than the model's context holds")).to_be_visible()
+    sync_api.expect(page.locator("#video-status")).to_contain_text("more than the model's context holds")
     page.click("#video-load")
     sync_api.expect(page.locator("#video-status")).to_contain_text("4 frame(s)")
+    set_number(page, "#video-temperature", 0)
     page.click("#video-run")
-    assert image_at(page, "#video-out").shape == (16, 16, 3)
+    assert np.array_equal(image_at(page, "#video-out"), expected), "the next frame is not the greedy one"
     screenshot(page, "video.png")
 
     page.get_by_role("tab", name="Model info").click()
