@@ -33,14 +33,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lvm import attention
 from lvm.checkpoints import check_state_dict, read_state_dict, save_pretrained_dir
-from lvm.config import ATTN_BACKENDS, LVMConfig
+from lvm.config import ATTN_BACKENDS, LVMConfig, NamedConfig
 from lvm.model import Block, RMSNorm, SwiGLU
 
 CHANNELS = 3
 
 
 @dataclass
-class AIMConfig:
+class AIMConfig(NamedConfig):
     """Shapes of an AIM. `intermediate_size=None` is round(8/3 hidden): SwiGLU's three matrices then hold
     as many weights as ml-aim's GELU MLP of ratio 4 (rounding up to a multiple would break that)."""
 
@@ -98,15 +98,6 @@ class AIMConfig:
             num_heads=1, num_kv_heads=1,
         )
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> AIMConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown AIM preset {name!r}; valid names: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 PRESETS: dict[str, AIMConfig] = {
     c.name: c
@@ -124,6 +115,7 @@ PRESETS: dict[str, AIMConfig] = {
                   head_blocks=1, head_width=32),  # fmt: skip
     )
 }
+AIMConfig.presets = PRESETS
 
 
 # -- pixels and positions -------------------------------------------------------------------------------
@@ -271,7 +263,7 @@ class AIM(nn.Module):
         directory = Path(directory)
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"{directory} has no config.json: not a directory AIM.save_pretrained wrote")
-        model = cls(AIMConfig(**{**json.loads((directory / "config.json").read_text()), **overrides}))
+        model = cls(AIMConfig.from_dict({**json.loads((directory / "config.json").read_text()), **overrides}))
         state = read_state_dict(directory)
         check_state_dict(model.state_dict(), state, str(directory), hint="was it saved with other AIMConfig fields?")
         model.load_state_dict(state)

@@ -260,38 +260,20 @@ MUSE_DEFAULTS = dict(
     commitment_cost=0.25,
 )
 
+# open-muse configs without attention (as the released LVM tokenizer), differing only in shape.
+_MUSE_ATTENTION_FREE = dict(
+    num_channels=3, num_res_blocks=2, attn_resolutions=[], no_attn_mid_block=True, dropout=0.0,
+    resample_with_conv=True, commitment_cost=0.25,
+)  # fmt: skip
 MUSE_SMALL = dict(
-    resolution=32,
-    num_channels=3,
-    hidden_channels=32,
-    channel_mult=[1, 2, 2],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    no_attn_mid_block=True,
-    z_channels=16,
-    num_embeddings=128,
-    quantized_embed_dim=8,
-    dropout=0.0,
-    resample_with_conv=True,
-    commitment_cost=0.25,
-)
-
+    _MUSE_ATTENTION_FREE, resolution=32, hidden_channels=32, channel_mult=[1, 2, 2], z_channels=16,
+    num_embeddings=128, quantized_embed_dim=8,
+)  # fmt: skip
 # The released LVM tokenizer's config (open-muse VQGAN f16, 8192 codes).
 MUSE_LVM = dict(
-    resolution=256,
-    num_channels=3,
-    hidden_channels=128,
-    channel_mult=[1, 2, 2, 4, 6],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    no_attn_mid_block=True,
-    z_channels=64,
-    num_embeddings=8192,
-    quantized_embed_dim=64,
-    dropout=0.0,
-    resample_with_conv=True,
-    commitment_cost=0.25,
-)
+    _MUSE_ATTENTION_FREE, resolution=256, hidden_channels=128, channel_mult=[1, 2, 2, 4, 6], z_channels=64,
+    num_embeddings=8192, quantized_embed_dim=64,
+)  # fmt: skip
 
 
 def muse_shapes(config: dict) -> dict[str, tuple[int, ...]]:
