@@ -12,6 +12,7 @@ numbers so they can be scored by exact match; each QA pair records its type for 
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 from collections.abc import Iterator
@@ -137,6 +138,16 @@ def scene_sample(seed: int, size: int = 64) -> tuple[Image.Image, str, list[tupl
     """(image, caption, [(qa_type, question, answer), ...]) of the scene of `seed`."""
     scene = Scene.random(seed)
     return scene.render(size), scene.caption(), scene.qa_pairs()
+
+
+def majority_answers(count: int = 2000) -> dict[str, str]:
+    """The most common answer per QA type over `count` training scenes: the best a model blind to the image
+    can answer (the demo's text-only baseline)."""
+    answers: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for seed in scene_seeds("train", count):
+        for qa_type, _, answer in Scene.random(seed).qa_pairs():
+            answers[qa_type][answer] += 1
+    return {qa_type: counts.most_common(1)[0][0] for qa_type, counts in answers.items()}
 
 
 def png_bytes(image: Image.Image) -> bytes:
