@@ -25,6 +25,8 @@ from lvm.prompting import InContextPrompter
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
 
+pytestmark = pytest.mark.slow  # a live Gradio server and browser sessions
+
 pytest.importorskip("gradio", reason="the app needs the `app` extra: pip install -e '.[app]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the `app` extra")
 

@@ -36,6 +36,7 @@ def all_samples(directory):
     return [s for p in list_shards(directory) for s in read_shard(p, ShardStats())]
 
 
+@pytest.mark.slow
 def test_shards_round_trip_exactly(tmp_path, vq):
     batch = sentences(5)
     result = tokenize_to_shards(batch, vq, tmp_path, samples_per_shard=2, progress=False)
@@ -54,6 +55,7 @@ def test_shards_round_trip_exactly(tmp_path, vq):
     assert keys == [s.key for s in samples]
 
 
+@pytest.mark.slow
 def test_interrupted_tokenization_resumes_without_duplicates_or_gaps(tmp_path, vq):
     batch = sentences(7)
 

@@ -167,6 +167,7 @@ class Recorder(__import__("lightning").LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint_resumes_mid_epoch(tmp_path):
     import lightning as L
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the whole demo, twice, in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"model", "copy_query", "no_context"}
 

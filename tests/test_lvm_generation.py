@@ -35,6 +35,7 @@ def greedy_without_cache(model: LVM, prompt: torch.Tensor, new_tokens: int) -> t
     return ids[0, prompt.numel() :]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "lengths"), [("sdpa", (7, 19, 1, 12)), ("eager", (3, 9))])
 def test_greedy_cache_equals_recompute_and_batch_equals_alone(backend, lengths):
     model = tiny(attn_backend=backend)
@@ -49,6 +50,7 @@ def test_greedy_cache_equals_recompute_and_batch_equals_alone(backend, lengths):
     assert torch.equal(model.generate(same_length, 5, temperature=0)[1], greedy_without_cache(model, same_length[1], 5))
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(tmp_path):
     tiny().save_pretrained(tmp_path)  # a random Llama in HF layout
     hf = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
@@ -95,6 +97,7 @@ def test_sampling_stays_in_top_k_and_nucleus():
     assert inside.sum(1).max() < CODEBOOK / 2  # the nucleus is a real restriction here
 
 
+@pytest.mark.slow
 def test_special_ids_never_emitted_even_when_most_likely():
     model = tiny()
     head = torch.nn.Linear(model.config.hidden_size, VOCAB)  # the same head plus a bias

@@ -19,6 +19,8 @@ from lvm.prompting import InContextPrompter, PromptJob, read_jobs
 from tokenizer import VQGAN, to_tensor
 from tokenizer.images import psnr
 
+pytestmark = pytest.mark.slow  # generation and tokenization with real checkpoints, script subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # vqgan_tiny is f2: 16 px -> 8x8 = 64 tokens per image
 TOKENS = 64

@@ -34,6 +34,7 @@ def test_compute_law_recovers_its_parameters_from_noisy_losses():
         assert low <= getattr(law, name) <= high
 
 
+@pytest.mark.slow
 def test_chinchilla_law_recovers_its_parameters_from_noisy_losses():
     rng = np.random.default_rng(0)
     params, tokens = 10 ** rng.uniform(7, 10.5, 200), 10 ** rng.uniform(9, 12, 200)
@@ -67,6 +68,7 @@ def test_isoflop_minima_of_a_sizes_by_steps_grid_find_the_optimal_size():
     np.testing.assert_allclose(np.log(optimal), np.log(TRUE.compute_optimal(budgets)[0]), atol=0.15)
 
 
+@pytest.mark.slow
 def test_chinchilla_runs_give_epoch_ais_estimate():
     params, tokens, loss = scaling.load_chinchilla()
     assert len(loss) == 240  # the 245 runs without Epoch AI's 5 outliers
@@ -79,6 +81,7 @@ def test_chinchilla_runs_give_epoch_ais_estimate():
     assert fit.B == pytest.approx(published["B"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_compute_optimal_exponents_and_their_intervals_follow_alpha_and_beta():
     rng = np.random.default_rng(1)
     params, tokens = 10 ** rng.uniform(7, 10.5, 100), 10 ** rng.uniform(9, 12, 100)

@@ -153,6 +153,7 @@ def assert_parity(ours: VQGAN, reference_codes: torch.Tensor, reference_images: 
     torch.testing.assert_close(decoded, reference_images, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_taming_run_directory_matches_taming(tmp_path, taming_model, taming_reference, images):
     run = write_taming_run(tmp_path, taming_model)
     ours = VQGAN.from_pretrained(run)
@@ -199,6 +200,7 @@ def test_taming_ckpt_beside_same_named_yaml(tmp_path, taming_model):
     assert_same_weights(ours, taming_model)
 
 
+@pytest.mark.slow
 def test_taming_bare_ckpt_shape_from_state_dict(tmp_path, taming_model, taming_reference, images):
     (tmp_path / "weights").mkdir()
     torch.save(taming_checkpoint(taming_model), tmp_path / "weights" / "model.ckpt")
