@@ -6,14 +6,42 @@
 The config names the LightningModule (`model.class_path`) and LightningDataModule (`data.class_path`).
 """
 
+import logging
 import os
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
 os.environ.setdefault("WANDB_MODE", "offline")  # WANDB_MODE=online syncs
 
 
+def quiet_lightning_notices() -> None:
+    """Drop messages about Lightning itself rather than the run (each names what it drops; nothing else is
+    filtered, so real warnings and errors still print):
+    - a FutureWarning that newer torch raises inside Lightning's own pytree helper on every fit;
+    - ModelCheckpoint's note (with a code sample) that a manual-optimisation module's checkpoint holds the
+      weights after the step: the tokenizer saves exactly that on purpose (resume continues from it);
+    - the advert for Lightning's cloud logger."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip")
+    )
+
+
+def quiet_wandb_when_silent() -> None:
+    """WANDB_SILENT=true (the demo sets it) silences wandb from the start: wandb applies it only inside
+    wandb.init, after it has printed a deprecation notice about a setting Lightning's WandbLogger passes."""
+    if os.environ.get("WANDB_SILENT", "").lower() in ("true", "1"):
+        import wandb
+        from wandb.errors.term import termsetup
+
+        termsetup(wandb.Settings(silent=True), logging.getLogger("wandb"))  # to a logger, not the terminal
+
+
 def main(args=None) -> LightningCLI:
+    quiet_lightning_notices()
+    quiet_wandb_when_silent()
     return LightningCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -71,7 +71,16 @@ def read_dataset_info(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: {directory} is not a shard set. Create one with `python -m data.tokenize`."
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-create it with `python -m data.tokenize`") from error
+    expected = {"tokenizer": str, "codebook_size": int, "tokens_per_image": int}
+    found = info if isinstance(info, dict) else {}
+    wrong = [f"{k} must be {t.__name__}, found {found.get(k)!r}" for k, t in expected.items() if type(found.get(k)) is not t]
+    if wrong:
+        raise ValueError(f"{path}: {'; '.join(wrong)}. Re-create it with `python -m data.tokenize`.")
+    return info
 
 
 def claim_dataset_info(directory: str | os.PathLike, info: dict) -> None:
@@ -132,6 +141,8 @@ class ShardStats:
 def _decode(key: str, members: dict[str, bytes], path: Path, codebook_size: int | None) -> TokenSample:
     tokens = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
     meta = json.loads(members["json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"the json member must be an object, found {type(meta).__name__}")
     if tokens.dtype != np.uint16 or tokens.ndim != 2:
         raise ValueError(f"tokens must be uint16 [n_images, tokens_per_image], got {tokens.dtype} {tokens.shape}")
     limit = codebook_size if codebook_size is not None else meta["codebook_size"]

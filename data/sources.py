@@ -64,10 +64,17 @@ def video_frames(path: str | os.PathLike, every: int = 1, max_frames: int | None
     import av
 
     frames = []
-    with av.open(str(path)) as container:
-        decoded = container.decode(video=0)
-        for frame in itertools.islice(decoded, 0, None if max_frames is None else max_frames * every, every):
-            frames.append(frame.to_image())
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:  # e.g. an mp4 cut before its index (moov atom)
+                raise ValueError(f"video {path} has no readable video stream; is the file complete?")
+            decoded = container.decode(video=0)
+            for frame in itertools.islice(decoded, 0, None if max_frames is None else max_frames * every, every):
+                frames.append(frame.to_image())
+    except av.error.FFmpegError as error:  # cut short or damaged: keep what decoded before the damage
+        if not frames:
+            raise ValueError(f"video {path} cannot be decoded ({error})") from error
+        log.warning("video %s ends early after %d frames (%s); using those frames", path, len(frames), error)
     return frames
 
 
@@ -77,6 +84,16 @@ def frame_folders(root: str | os.PathLike) -> dict[Path, list[Path]]:
     for path in list_images(root):
         videos.setdefault(path.parent, []).append(path)
     return videos
+
+
+def _counted(sentences: Iterator, path: Path) -> Iterator:
+    """The sentences of one video, with a warning when it is too short to give any."""
+    empty = True
+    for sentence in sentences:
+        empty = False
+        yield sentence
+    if empty:
+        log.warning("video %s has too few frames for one sentence at this length and stride; skipped", path)
 
 
 def _video_files(root: Path) -> list[Path]:
@@ -139,7 +156,7 @@ def sentences_from_spec(
         stream = (
             s
             for path in _video_files(Path(arg))
-            for s in sequence_sentences(video_frames(path), str(path), images_per_sentence, stride, max_stride, seed)
+            for s in _counted(sequence_sentences(video_frames(path), str(path), images_per_sentence, stride, max_stride, seed), path)
         )
     elif kind == "frames":
         stream = (

@@ -108,8 +108,8 @@ PRESETS: dict[str, AIMConfig] = {
         AIMConfig("aim_3b", hidden_size=3072, num_layers=24, num_heads=24),
         AIMConfig("aim_7b", hidden_size=4096, num_layers=32, num_heads=32),
         # CPU demo: 32x32 images (the demo tokenizer's) in 64 patches of 4x4.
-        AIMConfig("aim_demo", image_size=32, patch_size=4, hidden_size=192, num_layers=4, num_heads=4,
-                  head_blocks=2, head_width=192),  # fmt: skip
+        AIMConfig("aim_demo", image_size=32, patch_size=4, hidden_size=128, num_layers=4, num_heads=4,
+                  head_blocks=1, head_width=128),  # fmt: skip
         # Tests: 16 patches, two layers.
         AIMConfig("aim_tiny", image_size=16, patch_size=4, hidden_size=64, num_layers=2, num_heads=4,
                   head_blocks=1, head_width=32),  # fmt: skip
@@ -242,9 +242,10 @@ class AIM(nn.Module):
             raise ValueError(f"prefix_len must lie in 1..{highest}, got {prefix_len}")
 
     # -- sizes -------------------------------------------------------------------------------------------
-    def num_params(self, trunk_only: bool = False) -> int:
-        """All parameters (every one is a matmul weight or a norm gain: AIM has no lookup table), or the
-        trunk's alone (blocks + final norm), the count ml-aim's model names refer to."""
+    def num_params(self, non_embedding: bool = False, trunk_only: bool = False) -> int:
+        """All parameters, or the trunk's alone (blocks + final norm), the count ml-aim's model names refer
+        to. AIM has no lookup table (every parameter is a matmul weight or a norm gain), so non_embedding,
+        there for the LVM's signature that lvm.scaling calls, changes nothing."""
         modules = [*self.layers, self.norm] if trunk_only else [self]
         return sum(p.numel() for m in modules for p in m.parameters())
 

@@ -12,22 +12,22 @@ score_analogies free-running generation of each analogy's answer (greedy by defa
                 true answer image; and the teacher-forced perplexity of the true answer.
 Every method's answer is a token sequence decoded by the same tokenizer, so PSNR compares methods on
 equal terms (the copy baseline also pays the tokenizer's reconstruction error).
+metrics_table   the per-task changed-token accuracy and PSNR as text lines (console, summary picture).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from data.procedural import procedural_analogy, procedural_seeds
 from data.sentences import Sentence
-from lvm.prompting import InContextPrompter, check_analogy_count, image_grid, save_png
+from lvm.figures import AnalogyExample
+from lvm.prompting import InContextPrompter, check_analogy_count
 from tokenizer import to_pil, to_tensor
 from tokenizer.images import ImageLike, psnr
 
@@ -107,17 +107,16 @@ def score_analogies(
     sentences: Sequence[Sentence],
     batch_size: int = 8,
     temperature: float = 0.0,
-    grid_dir: str | os.PathLike | None = None,
-    num_grids: int = 4,
+    keep_examples: int = 4,
     progress: bool = False,
     **sampling,
-) -> dict:
+) -> tuple[dict, dict[str, list[AnalogyExample]]]:
     """Score free-running answers to analogy sentences `[x1, y1, ..., xq, yq]` (yq: the known answer).
 
-    Returns {"count", "token_accuracy", "changed_token_accuracy", "psnr", "perplexity", "changed_fraction",
-    "per_task": {task: the same}, "grids": [paths]}; each metric is a dict over METHODS (perplexity over
-    the methods that run the model). With `grid_dir`, the first `num_grids` sentences are saved as PNG rows:
-    prompt | model | copy_query | no_context | truth.
+    Returns (scores, examples). scores: {"count", "token_accuracy", "changed_token_accuracy", "psnr",
+    "perplexity", "changed_fraction", "per_task": {task: the same}}; each metric is a dict over METHODS
+    (perplexity over the methods that run the model). examples: {task: the first `keep_examples` scored
+    prompts with every method's decoded answer}, for lvm.figures' grids.
     """
     if not sentences:
         raise ValueError("score_analogies needs at least one sentence")
@@ -125,7 +124,7 @@ def score_analogies(
         check_analogy_count(len(sentence.prompt))
         prompter.check_fits(len(sentence.prompt))
     overall, per_task = _Tally(), defaultdict(_Tally)
-    grids = []
+    examples = defaultdict(list)
     for start in tqdm(range(0, len(sentences), batch_size), desc="analogies", disable=not progress):
         batch = sentences[start : start + batch_size]
         prompts = [prompter.fit_images(s.prompt) for s in batch]
@@ -158,10 +157,26 @@ def score_analogies(
                     nll = target_nll(prompter.model, prompter.prompt_ids(context_of[method][i]), truth[i])
                 for tally in tallies:
                     tally.add(method, pred[i], truth[i], queries[i], scores[method][i], nll)
-            if grid_dir is not None and start + i < num_grids:
-                sections = [prompts[i], *([to_pil(decoded[m][i : i + 1])[0]] for m in METHODS), [answer_images[i]]]
-                grids.append(save_png(image_grid([sections]), Path(grid_dir) / f"{start + i:03d}_{sentence.task}.png"))
+            if len(examples[sentence.task]) < keep_examples:
+                answers_i = {m: to_pil(decoded[m][i : i + 1])[0] for m in METHODS}
+                examples[sentence.task].append(
+                    AnalogyExample(sentence.task, prompts[i][:-1], prompts[i][-1], answers_i, answer_images[i])
+                )
     result = overall.summary()
     result["per_task"] = {task: tally.summary() for task, tally in sorted(per_task.items())}
-    result["grids"] = [str(path) for path in grids]
-    return result
+    return result, dict(sorted(examples.items()))
+
+
+TABLE_COLUMNS = {"changed_token_accuracy": "changed acc", "psnr": "PSNR dB"}
+SHORT = {"model": "model", "copy_query": "copy", "no_context": "no ctx"}
+
+
+def metrics_table(scores: dict) -> list[str]:
+    """Changed-token accuracy and PSNR per task (and over all), one line each, columns set apart by
+    two or more spaces (lvm.figures.text_block aligns them for pictures)."""
+    header = [f"{name} {SHORT[m]}" for name in TABLE_COLUMNS.values() for m in METHODS]
+    lines = [f"{'task':<14}" + "".join(f"{h:>20}" for h in header)]
+    for task, group in {**scores["per_task"], "all": scores}.items():
+        values = [group[key][m] for key in TABLE_COLUMNS for m in METHODS]
+        lines.append(f"{task:<14}" + "".join(f"{v:>20.3f}" for v in values))
+    return lines

@@ -11,22 +11,15 @@ The teacher is loaded from `teacher_path` and never written into checkpoints.
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 import warnings
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from data.packing import IGNORE_INDEX
 from lvm import LVM, LVMConfig
-from lvm.checkpoints import check_state_dict
-
-log = logging.getLogger(__name__)
+from lvm.training import PretrainingModule
 
 TEACHER = "teacher."  # state-dict prefix of the distillation teacher
 
@@ -39,15 +32,7 @@ def next_token_targets(labels: torch.Tensor, document_ids: torch.Tensor) -> torc
     return targets
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """lr multiplier: linear warmup to 1, cosine down to `min_ratio` at `total_steps`, then flat."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class LVMModule(L.LightningModule):
+class LVMModule(PretrainingModule):
     def __init__(
         self,
         model: str = "vqlm_demo",
@@ -95,11 +80,9 @@ class LVMModule(L.LightningModule):
                     f"{self.config.vocab_size}: distillation compares distributions over the same token ids"
                 )
         self.val_loss = MeanMetric()
-        self._window: dict | None = None  # the batches timed for tokens/s (see on_train_batch_end)
 
-    @property
-    def config(self) -> LVMConfig:
-        return self.model.config
+    def batch_tokens(self, batch: dict) -> tuple[int, int]:
+        return batch["input_ids"].numel(), batch["input_ids"].shape[1]
 
     # -- checks before any compute -----------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -107,7 +90,7 @@ class LVMModule(L.LightningModule):
         if data is not None and hasattr(data, "tokenizer_info"):  # a TokenDataModule
             self.check_data(data.tokenizer_info["codebook_size"], data.seq_len)
         if self.hparams.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+            self.model.compile_blocks()
 
     def check_data(self, codebook_size: int, seq_len: int) -> None:
         """Raise if the token data does not fit this model: other image codes, or rows beyond its positions."""
@@ -127,49 +110,13 @@ class LVMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Name every tensor that does not fit this model before Lightning tries to load it, and put the
         teacher (left out when saving) back so strict loading finds it."""
-        if "state_dict" not in checkpoint:  # FSDP sharded checkpoints load their weights apart from this dict
-            return
-        found = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER)}
-        with torch.device("meta"):  # shapes only, whatever the strategy's sharding
-            expected = {f"model.{k}": v for k, v in LVM(self.config).state_dict().items()}
-        check_state_dict(
-            expected, found, "the checkpoint",
-            hint=f"was it trained with another model / model_overrides than {self.config.name}?",
-        )
-        if self.teacher is not None:
+        self.check_checkpoint(checkpoint, skip_prefix=TEACHER)
+        if self.teacher is not None and "state_dict" in checkpoint:
             checkpoint["state_dict"].update({TEACHER + k: v for k, v in self.teacher.state_dict().items()})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for key in [k for k in checkpoint["state_dict"] if k.startswith(TEACHER)]:
             del checkpoint["state_dict"][key]
-
-    # -- optimisation ------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        # Decay Linear weights only: embeddings and norm gains keep their scale (LLaMA practice).
-        # Chosen by module type, not tensor shape, because FSDP flattens parameters.
-        decay = {id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if id(p) in decay], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=tuple(self.hparams.betas))
-        total = self.hparams.decay_steps or self.trainer.max_steps
-        if total is None or total < 0:
-            raise ValueError("the cosine schedule needs a length: set trainer.max_steps or model.decay_steps")
-        min_ratio = self.hparams.min_learning_rate / self.hparams.learning_rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.hparams.warmup_steps, total, min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Log the gradient norm before clipping (Lightning clips right after this hook)."""
-        squares = [p.grad.detach().float().pow(2).sum() for p in self.model.parameters() if p.grad is not None]
-        total = torch.stack(squares).sum() if squares else torch.zeros((), device=self.device)
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        self.log("train/grad_norm", total.sqrt())
 
     # -- losses --------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
@@ -178,10 +125,13 @@ class LVMModule(L.LightningModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss", "ce", and with a teacher "kl"}: means over the predictable target tokens."""
         targets = next_token_targets(batch["labels"], batch["document_ids"])
+        if self.teacher is None:  # the fused loss: no [B, L, vocab] logits in memory
+            ce = self.model.loss(
+                batch["input_ids"], targets, batch["position_ids"], batch["document_ids"], ignore_index=IGNORE_INDEX
+            )
+            return {"loss": ce, "ce": ce}
         logits = self(batch)[:, :-1].float()  # fp32 softmax: bf16 log-probs are too coarse for the loss
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if self.teacher is None:
-            return {"loss": ce, "ce": ce}
         with torch.no_grad():
             teacher_logits = self.teacher(
                 batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]
@@ -198,28 +148,8 @@ class LVMModule(L.LightningModule):
         self.log("train/ppl", parts["ce"].exp())
         if "kl" in parts:
             self.log_dict({"train/ce": parts["ce"], "train/kl": parts["kl"]})
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log_lr()
         return parts["loss"]
-
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        """tokens/s over all ranks (padding included) and MFU from it, averaged over a window of the
-        batches between two logging steps: a single batch's time is too noisy to read."""
-        now = time.perf_counter()
-        if self._window is None:  # the first batch (after start or validation) carries their set-up time
-            self._window = {"start": now, "tokens": 0, "batches": 0}
-            return
-        window = self._window
-        window["tokens"] += batch["input_ids"].numel() * self.trainer.world_size
-        window["batches"] += 1
-        tokens_per_s = window["tokens"] / (now - window["start"])
-        flops = tokens_per_s * self.model.flops_per_token(batch["input_ids"].shape[1])
-        self.log("train/tokens_per_s", tokens_per_s)
-        self.log("train/mfu", flops / (self.hparams.peak_flops_per_device * self.trainer.world_size))
-        if window["batches"] >= self.trainer.log_every_n_steps * self.trainer.accumulate_grad_batches:
-            self._window = {"start": now, "tokens": 0, "batches": 0}
-
-    def on_validation_start(self) -> None:
-        self._window = None  # validation time is not training throughput
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         parts = self.losses(batch)
@@ -231,20 +161,3 @@ class LVMModule(L.LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)  # compute() has already reduced over ranks
         self.log("val/ppl", loss.exp())
-
-    def on_fit_end(self) -> None:
-        if not self.hparams.export_dir:
-            return
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Every rank takes part in gathering the shards; rank 0 receives the full weights.
-            state = self.trainer.strategy.lightning_module_state_dict()
-            if not self.trainer.is_global_zero:
-                return
-            model = LVM(self.config)
-            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-        elif self.trainer.is_global_zero:
-            model = self.model
-        else:
-            return
-        model.save_pretrained(self.hparams.export_dir)
-        log.info("saved the trained LVM to %s", self.hparams.export_dir)

@@ -25,6 +25,7 @@ import torch
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from lvm.aim import AIM, AIMConfig
 from lvm.config import LVMConfig
 from lvm.model import LVM
 
@@ -36,17 +37,18 @@ HOFFMANN_FIT = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Chinchil
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
-def _shape_only(config: LVMConfig) -> LVM:
+def _shape_only(config: LVMConfig | AIMConfig) -> LVM | AIM:
+    """The model of an LVMConfig (or an AIMConfig) on the meta device."""
     with torch.device("meta"):  # shapes without memory: counts of a 7B model cost nothing
-        return LVM(config)
+        return AIM(config) if isinstance(config, AIMConfig) else LVM(config)
 
 
-def num_params(config: LVMConfig, non_embedding: bool = False) -> int:
+def num_params(config: LVMConfig | AIMConfig, non_embedding: bool = False) -> int:
     return _shape_only(config).num_params(non_embedding=non_embedding)
 
 
-def flops_per_token(config: LVMConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6 N plus the attention products (LVM.flops_per_token)."""
+def flops_per_token(config: LVMConfig | AIMConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6 N plus the attention products (LVM.flops_per_token; AIM's per patch)."""
     return _shape_only(config).flops_per_token(seq_len)
 
 

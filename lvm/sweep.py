@@ -2,6 +2,9 @@
 
     python -m lvm.sweep --out runs/scaling --sizes 64x2,128x2 --steps 20,40 [--jobs 2] [-- train.py args]
 
+`--config configs/aim/demo.yaml` sweeps AIM (next-patch regression on images) instead: its tokens are
+patches, and its runs give the same table.
+
 The same command runs on a GPU cluster with a GPU config (`--config configs/lvm/vqlm_100m.yaml` and the
 data paths after `--`): each run is a train.py fit with that config's devices, nodes and precision, and the
 table (sweep.csv, COLUMNS) is the same. Finished runs are skipped, so an interrupted sweep resumes.
@@ -26,6 +29,7 @@ import torch
 import yaml
 
 from data.shards import MANIFEST_FILE
+from lvm.aim import AIMConfig
 from lvm.config import LVMConfig
 from lvm.scaling import ROOT, flops_per_token, num_params
 
@@ -47,11 +51,26 @@ def _run_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
+def is_aim(config: dict) -> bool:
+    """Whether a run config trains AIM (lvm.aim_module.AIMModule) rather than the LVM."""
+    return config["model"]["class_path"].endswith("AIMModule")
+
+
+def model_config(config: dict) -> LVMConfig | AIMConfig:
+    init = config["model"]["init_args"]
+    return (AIMConfig if is_aim(config) else LVMConfig).from_name(init["model"], **(init.get("model_overrides") or {}))
+
+
+def seq_len(config: dict) -> int:
+    """Tokens per sequence: the data's row length, or AIM's patches per image."""
+    return model_config(config).num_patches if is_aim(config) else config["data"]["init_args"]["seq_len"]
+
+
 def tokens_per_step(config: dict) -> int:
     """Tokens in one optimiser step (padding included, as in the throughput logs) of a saved run config."""
     data, trainer = config["data"]["init_args"], config["trainer"]
     ranks = int(trainer["devices"]) * int(trainer["num_nodes"])
-    return data["batch_size"] * data["seq_len"] * trainer["accumulate_grad_batches"] * ranks
+    return data["batch_size"] * seq_len(config) * trainer["accumulate_grad_batches"] * ranks
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -71,15 +90,15 @@ def run_record(run_dir: str | Path) -> dict:
     """One table row from a finished run's logs: its config.yaml and metrics.csv."""
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
-    init, steps = config["model"]["init_args"], config["trainer"]["max_steps"]
-    model = LVMConfig.from_name(init["model"], **(init.get("model_overrides") or {}))
+    steps = config["trainer"]["max_steps"]
+    model = model_config(config)
     metrics = _metrics(run_dir)
     last = {key: float(r[key]) for r in metrics for key in ("train/loss", "val/loss") if r.get(key)}  # latest wins
     tokens = steps * tokens_per_step(config)
     return dict(
         run=run_dir.name, hidden_size=model.hidden_size, num_layers=model.num_layers, steps=steps,
         params=num_params(model), non_embedding_params=num_params(model, non_embedding=True), tokens=tokens,
-        flops=flops_per_token(model, config["data"]["init_args"]["seq_len"]) * tokens,
+        flops=flops_per_token(model, seq_len(config)) * tokens,
         train_loss=last.get("train/loss"), val_loss=last.get("val/loss"),
     )  # fmt: skip
 
@@ -117,7 +136,10 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     base = yaml.safe_load(Path(base_config).read_text())
-    overrides = {**(base["model"]["init_args"].get("model_overrides") or {}), **size_overrides(hidden, layers)}
+    sized = size_overrides(hidden, layers)
+    if is_aim(base):
+        del sized["num_kv_heads"]  # AIM attends with as many key/value heads as query heads
+    overrides = {**(base["model"]["init_args"].get("model_overrides") or {}), **sized}
     overlay = {
         "trainer": {
             "max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
@@ -140,11 +162,13 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
 
 
 def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int], config: str = "configs/lvm/demo.yaml",
-          log_every: int = 1, train_args: Sequence[str] = (), jobs: int = 1, progress=print) -> list[dict]:  # fmt: skip
+          log_every: int = 1, train_args: Sequence[str] = (), jobs: int = 1, train: bool = True,
+          progress=print) -> list[dict]:  # fmt: skip
     """Train every (hidden, layers) size for every number of steps under out/runs/, skipping runs that
     finished before, and write out/sweep.csv with one row per run (COLUMNS, sizes x steps order). Returns the rows.
     Runs train cheapest first (size x steps), `jobs` at a time: a sweep stopped early still has every size's
-    short runs. A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
+    short runs. `train=False` trains nothing and tabulates the finished runs only (a sweep still running, or
+    stopped: fit what is there). A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
     out = Path(out).resolve()
     config = str(ROOT / config)  # train.py runs in the repository: relative paths are relative to it
     grid = list(itertools.product(sizes, steps))
@@ -154,15 +178,17 @@ def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int
         if key not in todo:
             progress(f"{dirs[key].name}: finished before, skipped")
     todo.sort(key=lambda key: key[0][0] ** 2 * key[0][1] * key[1])  # hidden^2 x layers x steps: the blocks' FLOPs
+    if not train:
+        grid, todo = [key for key in grid if key not in todo], []
     # Runs side by side each get their share of the cores (torch would start one thread per core in each).
     threads = None if jobs == 1 or "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // jobs)
 
-    def train(key):
+    def train_one(key):
         progress(f"{dirs[key].name}: training")
         run_one(dirs[key], config, *key[0], key[1], log_every, train_args, threads=threads)
 
     with ThreadPoolExecutor(jobs) as pool:  # threads only wait on train.py subprocesses
-        for _ in pool.map(train, todo):  # re-raises the first failure
+        for _ in pool.map(train_one, todo):  # re-raises the first failure
             pass
     rows = [run_record(dirs[key]) for key in grid]
     with open(out / TABLE, "w", newline="") as f:
@@ -188,9 +214,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--config", default="configs/lvm/demo.yaml", help="train.py config (model preset, data)")
     parser.add_argument("--log-every", type=int, default=1, help="log the training loss every N steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: one per core, OMP_NUM_THREADS=1)")
+    parser.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs finished so far")
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
-    rows = sweep(args.out, sizes, args.steps, args.config, args.log_every, train_args, args.jobs)
+    rows = sweep(args.out, sizes, args.steps, args.config, args.log_every, train_args, args.jobs, args.train)
     print(f"{len(rows)} runs -> {Path(args.out) / TABLE}")
     return rows
 

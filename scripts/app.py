@@ -1,9 +1,10 @@
 """A web app for in-context prompting of an LVM (Gradio); the prompting itself is lvm.prompting's.
 
     python -m scripts.app --lvm runs/demo/lvm/export --tokenizer runs/demo/tokenizer/export   # or `make app`
+    python -m scripts.app --lvm .. --tokenizer .. --vlm DIR [--vlm-tokenizer DIR]              # + VLM chat
 
 Tabs: in-context (example pairs + a query -> answer candidates; held-out procedural analogies as
-presets), video (frames -> the next frames), model info. Requests go through Gradio's queue one
+presets), video (frames -> the next frames), VLM chat (with --vlm; scripts/app_chat.py), model info. Requests go through Gradio's queue one
 model call at a time (CPU: a second call would only halve the speed of both). Uploads are checked
 as they arrive, outside that queue, so a bad file is answered at once on the page even while
 another visitor's generation runs; no error shows a stack trace and the server keeps serving.
@@ -33,6 +34,7 @@ from lvm.prompting import (
     check_analogy_count,
     save_png,
 )
+from scripts.app_chat import Chat, chat_tab
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
 
@@ -95,17 +97,17 @@ def progress_callback(progress, total: int) -> Callable[[int, torch.Tensor], Non
 class App:
     """The handlers behind the page: uploads in, images out. `workdir` holds presets and grids."""
 
-    def __init__(self, prompter: InContextPrompter, workdir: Path, sources: dict[str, str]):
+    def __init__(
+        self, prompter: InContextPrompter, workdir: Path, sources: dict[str, str], chat: Chat | None = None
+    ):
         self.prompter = prompter
+        self.chat = chat  # the VLM chat tab's model, when --vlm is given
         self.workdir = workdir
         self.sources = sources  # what was loaded from where, for the info tab
-        self.count = 0
 
     def _new_dir(self, kind: str) -> Path:
-        self.count += 1
-        directory = self.workdir / f"{kind}{self.count:05d}"
-        directory.mkdir(parents=True)
-        return directory
+        """A fresh folder per request (handlers outside the model queue run in parallel threads)."""
+        return Path(tempfile.mkdtemp(prefix=kind, dir=self.workdir))
 
     def _save(self, images: list[Image.Image], kind: str, names: list[str]) -> list[str]:
         directory = self._new_dir(kind)
@@ -227,6 +229,7 @@ class App:
                                 f"{t.codebook_size} codes"),
             ("device", f"{p.device} ({next(model.parameters()).dtype}), torch {torch.__version__}"),
         ]  # fmt: skip
+        rows += self.chat.info_rows() if self.chat else []
         return "| model | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -270,7 +273,7 @@ def outputs(tab: str, label: str, grid_label: str) -> tuple:
 
 def build_app(app: App) -> gr.Blocks:
     with gr.Blocks(title="LVM", analytics_enabled=False) as page:
-        gr.Markdown("# LVM: in-context prompting")
+        gr.Markdown("# LVM: in-context prompting" + (" and VLM chat" if app.chat else ""))
         with gr.Tab("In-context", id="incontext"):
             gr.Markdown("Example pairs `x1 y1 x2 y2 ...` then a query `xq`; files are taken in name order.")
             truth = gr.State(None)
@@ -322,6 +325,10 @@ def build_app(app: App) -> gr.Blocks:
                 concurrency_id=MODEL_CALLS,
             )
 
+        if app.chat is not None:
+            with gr.Tab("VLM chat", id="chat"):
+                chat_tab(app.chat, MODEL_CALLS)
+
         with gr.Tab("Model info", id="info"):
             gr.Markdown(app.info(), elem_id="model-info")
     # One model call at a time: every generating event shares MODEL_CALLS, limited to 1.
@@ -346,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         "--lvm", default=DEMO_LVM, help="LVM directory (HF Llama layout); default: make demo's"
     )
     parser.add_argument("--tokenizer", default=DEMO_TOKENIZER, help="VQGAN checkpoint; default: make demo's")
+    parser.add_argument("--vlm", help="a VLM directory (vlm.VLM.from_pretrained): adds the chat tab")
+    parser.add_argument(
+        "--vlm-tokenizer", help="the VLM's text tokenizer directory; default: the --vlm directory"
+    )
     parser.add_argument("--no-bos", action="store_true", help="prompt without BOS (the released LVM-7B)")
     parser.add_argument(
         "--context-frames", type=int, default=CONTEXT_FRAMES, help="video: sliding window of frames"
@@ -360,10 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the page's server
     try:
         prompter = load_prompter(args)
-    except ValueError as error:
+        chat = Chat.load(args.vlm, args.vlm_tokenizer, args.device) if args.vlm else None
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     workdir = Path(tempfile.mkdtemp(prefix="lvm-app-"))
-    app = App(prompter, workdir, {"lvm": args.lvm, "tokenizer": args.tokenizer})
+    app = App(prompter, workdir, {"lvm": args.lvm, "tokenizer": args.tokenizer}, chat)
     page = build_app(app)
     print(f"serving on http://{args.host}:{args.port}", flush=True)
     page.launch(

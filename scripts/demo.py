@@ -1,24 +1,31 @@
 """The main job on the embedded demo data, end to end (`make demo`). Stages whose outputs exist are reused.
 
 1. tokenizer: train `vqgan_demo` through the Lightning CLI (configs/tokenizer/demo.yaml) on the
-   embedded photos and procedural task images; score it on held-out photos (L1, PSNR, PNG grid)
+   embedded photos and procedural task images; score its reconstructions (held-out photos, and the
+   procedural images of every task) and save them as a PNG
 2. shards: tokenize procedural analogy sentences (training seeds; held-out seeds for validation)
 3. lvm: train `vqlm_demo` through the Lightning CLI (configs/lvm/demo.yaml) on those shards
-4. score: free-running answers to held-out analogy prompts against two baselines (copy the query;
-   the same model without the example pairs): token accuracy, changed-token accuracy, PSNR
+4. analogies: free-running answers to held-out analogy prompts against two baselines (copy the query;
+   the same model without the example pairs): token accuracy, changed-token accuracy, PSNR; a
+   labelled grid per task
 
-Writes <out>/metrics.json and PNG grids, and prints a table. `--smoke` shrinks every stage (tests).
+Each stage is one function that takes the output directory (and what earlier stages made) and returns
+its metrics; `main` runs them in order, then `report` writes <out>/metrics.json (one entry per stage),
+<out>/summary.png (a few rows per task, the metrics table beside them) and prints the table.
+`--smoke` shrinks every stage (tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from data.photos import embedded_photos
@@ -27,8 +34,10 @@ from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM
 from lvm.checkpoints import atomic_path
-from lvm.evaluation import heldout_analogies, score_analogies
-from lvm.prompting import InContextPrompter
+from lvm.evaluation import heldout_analogies, metrics_table, score_analogies
+from lvm.figures import display_side, save_task_grids, summary_figure
+from lvm.prompting import InContextPrompter, save_png
+from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_tensor
 from tokenizer.images import psnr
 
@@ -37,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # so only the examples tell the model which colours to paint.
 TASKS = ("segmentation", "recolor", "edges", "colorize")
 PAIRS_PER_SENTENCE = 4  # 8 images x 64 tokens + BOS/EOS = 514 tokens: two sentences fill a 1028-token row
+SUMMARY_ROWS = 2  # held-out prompts per task in summary.png (the task grids show more)
 
 FULL = dict(train_sentences=1600, val_sentences=64, eval_per_task=16, tokenizer_args=[], lvm_args=[])
 SMOKE = dict(
@@ -47,7 +57,13 @@ SMOKE = dict(
               "--data.batch_size", "1"],
 )  # fmt: skip
 
+# What a newcomer does not need to read in the training runs' output (real errors still print):
+# wandb's banners and notices (the run stays offline under <run>/wandb), and Lightning's notices
+# that are about Lightning itself, not this run (train.py filters those).
+QUIET_ENV = {"WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
 
+
+# -- stages ---------------------------------------------------------------------------------------------------
 def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
     """Fit `config` through train.py with its outputs under `run`; resume when a last.ckpt exists.
     Returns the directory the module exports the trained model to."""
@@ -65,36 +81,85 @@ def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
     ]  # fmt: skip
     if (run / "checkpoints" / "last.ckpt").exists():
         command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
-    subprocess.run([*command, *extra_args], check=True)
+    subprocess.run([*command, *extra_args], check=True, env={**os.environ, **QUIET_ENV})
     return exported
 
 
 @torch.no_grad()
-def score_tokenizer(vq: VQGAN, out: Path) -> dict:
-    images = to_tensor(embedded_photos("val"), vq.config.resolution)
+def reconstruction_psnr(vq: VQGAN, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean PSNR (dB) of `images` [B, 3, H, W] after encode -> decode, and the reconstructions."""
     recon = vq.decode(vq.encode(images))
-    torchvision.utils.save_image(torch.cat([images, recon]), out / "tokenizer_reconstructions.png", nrow=len(images))
-    return {"val_l1": float((images - recon).abs().mean()), "val_psnr": float(psnr(recon, images).mean())}
+    return float(psnr(recon, images).mean()), recon
 
 
-def make_shards(vq: VQGAN, directory: Path, split: str, count: int) -> dict:
-    if not (directory / "manifest.json").exists():
-        spec = "procedural:" + ",".join(TASKS)
-        sentences = sentences_from_spec(
-            spec, split=split, image_size=vq.config.resolution, count=count, images_per_sentence=2 * PAIRS_PER_SENTENCE
-        )
-        tokenize_to_shards(sentences, vq, directory, samples_per_shard=256)
-    manifest = write_manifest(directory)
-    return {"shards": len(manifest["shards"]), "sentences": manifest["samples"], "tokens": manifest["tokens"]}
+def tokenizer_stage(out: Path, settings: dict) -> tuple[VQGAN, dict]:
+    """Train the tokenizer; score it on held-out photos and, per task, on held-out procedural images."""
+    vq = VQGAN.from_pretrained(train_with_cli("configs/tokenizer/demo.yaml", out / "tokenizer", settings["tokenizer_args"]))
+    size = vq.config.resolution
+    photos = to_tensor(embedded_photos("val"), size)
+    metrics = {"psnr_photos": None, "psnr_procedural": {}}
+    metrics["psnr_photos"], photo_recon = reconstruction_psnr(vq, photos)
+    shown = [photos[:8], photo_recon[:8]]
+    for sentence in heldout_analogies(TASKS, 1, PAIRS_PER_SENTENCE, size):
+        images = to_tensor(sentence.images, size)  # every x and y of a held-out sentence
+        metrics["psnr_procedural"][sentence.task], recon = reconstruction_psnr(vq, images)
+        shown += [images, recon]
+    # rows: originals then reconstructions, photos first, then each task; nearest upscale keeps pixels visible
+    rows = [F.interpolate(row, scale_factor=display_side(size) // size, mode="nearest") for row in shown]
+    torchvision.utils.save_image(torch.cat(rows), out / "tokenizer_reconstructions.png", nrow=8, pad_value=1.0)
+    return vq, metrics
 
 
-def print_table(metrics: dict) -> None:
-    print(f"\n{'tokenizer (held-out photos)':<34}" + "".join(f"{k}={v:.4g}  " for k, v in metrics["tokenizer"].items()))
-    print(f"{'shards':<34}" + "".join(f"{k}={v}  " for k, v in metrics["shards"].items()))
-    methods = ("model", "copy_query", "no_context")
-    print(f"\n{'held-out analogies':<26}" + "".join(f"{m:>12}" for m in methods))
-    for key in ("token_accuracy", "changed_token_accuracy", "psnr"):
-        print(f"{key:<26}" + "".join(f"{metrics[key][m]:>12.4f}" for m in methods))
+def shards_stage(out: Path, vq: VQGAN, settings: dict) -> tuple[Path, Path, dict]:
+    """Procedural analogy sentences -> token shards: training seeds, and held-out seeds for validation."""
+    directories = {"train": out / "shards" / "train", "heldout": out / "shards" / "val"}
+    counts = {"train": settings["train_sentences"], "heldout": settings["val_sentences"]}
+    for split, directory in directories.items():
+        if not (directory / "manifest.json").exists():
+            spec = "procedural:" + ",".join(TASKS)
+            sentences = sentences_from_spec(
+                spec, split=split, image_size=vq.config.resolution, count=counts[split],
+                images_per_sentence=2 * PAIRS_PER_SENTENCE,
+            )  # fmt: skip
+            tokenize_to_shards(sentences, vq, directory, samples_per_shard=256)
+    manifest = write_manifest(directories["train"])
+    metrics = {"shards": len(manifest["shards"]), "sentences": manifest["samples"], "tokens": manifest["tokens"]}
+    return directories["train"], directories["heldout"], metrics
+
+
+def lvm_stage(out: Path, train_dir: Path, val_dir: Path, settings: dict) -> LVM:
+    lvm_args = ["--data.train", str(train_dir), "--data.val", str(val_dir), *settings["lvm_args"]]
+    return LVM.from_pretrained(train_with_cli("configs/lvm/demo.yaml", out / "lvm", lvm_args))
+
+
+def analogies_stage(out: Path, model: LVM, vq: VQGAN, settings: dict) -> tuple[dict, dict]:
+    """Score held-out analogies (seeds never in the training shards); a labelled grid per task."""
+    sentences = heldout_analogies(TASKS, settings["eval_per_task"], PAIRS_PER_SENTENCE, vq.config.resolution)
+    scores, examples = score_analogies(InContextPrompter(model, vq), sentences, progress=True)
+    scores["grids"] = [str(path) for path in save_task_grids(examples, out / "grids")]
+    return scores, examples
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def tokenizer_lines(metrics: dict) -> list[str]:
+    psnr_by_set = {"photos (held out)": metrics["psnr_photos"], **metrics["psnr_procedural"]}
+    return ["tokenizer  PSNR dB", *(f"{name}  {value:.2f}" for name, value in psnr_by_set.items())]
+
+
+def report(out: Path, metrics: dict, examples: dict) -> list[Path]:
+    """metrics.json, summary.png, and the console table; returns the pictures' paths."""
+    with atomic_path(out / "metrics.json") as tmp:
+        Path(tmp).write_text(json.dumps(metrics, indent=2))
+    table = metrics_table(metrics["analogies"])
+    summary = save_png(summary_figure(examples, [*table, "", *tokenizer_lines(metrics["tokenizer"])], SUMMARY_ROWS),
+                       out / "summary.png")  # fmt: skip
+    pictures = [summary, *map(Path, metrics["analogies"]["grids"]), out / "tokenizer_reconstructions.png"]
+    print("\n" + "\n".join(tokenizer_lines(metrics["tokenizer"])))
+    print(f"shards: {metrics['shards']}")
+    print("\nheld-out analogies (changed acc: accuracy on the tokens the answer changes; PSNR of the decoded answer)")
+    print("\n".join(table))
+    print("\npictures:\n" + "\n".join(f"  {path}" for path in pictures) + f"\nmetrics: {out / 'metrics.json'}")
+    return pictures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,32 +170,21 @@ def main(argv: list[str] | None = None) -> dict:
     settings = SMOKE if args.smoke else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    metrics = {}
 
     print("== 1/4 tokenizer", flush=True)
-    vq = VQGAN.from_pretrained(train_with_cli("configs/tokenizer/demo.yaml", out / "tokenizer", settings["tokenizer_args"]))
-    metrics = {"tokenizer": score_tokenizer(vq, out)}
-
+    vq, metrics["tokenizer"] = tokenizer_stage(out, settings)
     print("== 2/4 shards", flush=True)
-    train_dir, val_dir = out / "shards" / "train", out / "shards" / "val"
-    metrics["shards"] = make_shards(vq, train_dir, "train", settings["train_sentences"])
-    make_shards(vq, val_dir, "heldout", settings["val_sentences"])
-
+    train_dir, val_dir, metrics["shards"] = shards_stage(out, vq, settings)
     print("== 3/4 lvm", flush=True)
-    lvm_args = ["--data.train", str(train_dir), "--data.val", str(val_dir), *settings["lvm_args"]]
-    model = LVM.from_pretrained(train_with_cli("configs/lvm/demo.yaml", out / "lvm", lvm_args))
+    model = lvm_stage(out, train_dir, val_dir, settings)
+    print("== 4/4 held-out analogies", flush=True)
+    metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
+    print("== aim: train aim_demo, probe it beside the LVM", flush=True)
+    metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
 
-    print("== 4/4 score held-out analogies", flush=True)
-    # held-out seeds: never in the training shards (the validation shards share the range, never trained on)
-    sentences = heldout_analogies(TASKS, settings["eval_per_task"], PAIRS_PER_SENTENCE, vq.config.resolution)
-    sentences.sort(key=lambda sentence: sentence.meta["seed"])  # tasks take turns, so the grids show each
-    prompter = InContextPrompter(model, vq)
-    scores = score_analogies(prompter, sentences, grid_dir=out / "grids", num_grids=2 * len(TASKS), progress=True)
-    metrics.update(scores)
-
-    with atomic_path(out / "metrics.json") as tmp:
-        Path(tmp).write_text(json.dumps(metrics, indent=2))
-    print_table(metrics)
-    print(f"\nPNG grids and metrics.json in {out}/")
+    report(out, metrics, examples)
+    print_aim(metrics["aim"])
     return metrics
 
 

@@ -5,7 +5,7 @@ perplexity: exp of the mean NLL of the target images' tokens given the prompt im
         --prompt x1.png y1.png x2.png --target y2.png
 
 analogies: free-running (greedy by default) answers to held-out procedural analogies with known answers,
-scored beside the copy-query and no-context baselines; writes metrics.json and example grids to --out
+scored beside the copy-query and no-context baselines; writes metrics.json and a labelled grid per task to --out
     python scripts/eval.py analogies --model runs/lvm --tokenizer runs/vqgan --tasks flip,recolor \\
         --per-task 16 --n-shots 3 --out runs/eval
 """
@@ -19,18 +19,9 @@ from pathlib import Path
 
 from data.procedural import TASKS
 from lvm.checkpoints import atomic_path
-from lvm.evaluation import METHODS, heldout_analogies, perplexity, score_analogies
+from lvm.evaluation import heldout_analogies, metrics_table, perplexity, score_analogies
+from lvm.figures import save_task_grids
 from lvm.prompting import add_prompter_arguments, prompter_from_args, sampling_from_args
-
-
-def print_table(scores: dict) -> None:
-    groups = {"all": scores, **scores["per_task"]}
-    metrics = ("token_accuracy", "changed_token_accuracy", "psnr")
-    print(f"{'task':<14}{'metric':<24}" + "".join(f"{m:>12}" for m in METHODS))
-    for name, group in groups.items():
-        for metric in metrics:
-            print(f"{name:<14}{metric:<24}" + "".join(f"{group[metric][m]:>12.4f}" for m in METHODS))
-        print(f"{name:<14}{'perplexity':<24}" + "".join(f"{group['perplexity'].get(m, float('nan')):>12.2f}" for m in METHODS))
 
 
 def main(argv: list[str] | None = None) -> dict | float:
@@ -46,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict | float:
     ana.add_argument("--per-task", type=int, default=8, help="held-out sentences per task")
     ana.add_argument("--n-shots", type=int, default=3, help="pairs per sentence, the last one the query")
     ana.add_argument("--batch-size", type=int, default=8)
-    ana.add_argument("--grids", type=int, default=4, help="example grids to save")
+    ana.add_argument("--grid-rows", type=int, default=4, help="held-out prompts shown per task grid")
     ana.add_argument("--out", required=True, help="directory for metrics.json and grids/")
     args = parser.parse_args(argv)
 
@@ -59,15 +50,17 @@ def main(argv: list[str] | None = None) -> dict | float:
         sentences = heldout_analogies(args.tasks.split(","), args.per_task, args.n_shots, prompter.resolution)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        scores = score_analogies(
-            prompter, sentences, args.batch_size, grid_dir=out / "grids", num_grids=args.grids, progress=True,
+        scores, examples = score_analogies(
+            prompter, sentences, args.batch_size, keep_examples=args.grid_rows, progress=True,
             **sampling_from_args(args),
         )  # fmt: skip
     except ValueError as error:
         sys.exit(f"error: {error}")
+    scores["grids"] = [str(p) for p in save_task_grids(examples, out / "grids")]
     with atomic_path(out / "metrics.json") as tmp:
         Path(tmp).write_text(json.dumps(scores, indent=2))
-    print_table(scores)
+    print("\n".join(metrics_table(scores)))
+    print("grids: " + " ".join(scores["grids"]))
     return scores
 
 

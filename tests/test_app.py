@@ -22,8 +22,11 @@ from data.procedural import moving_shapes, procedural_seeds
 from lvm import LVM, LVMConfig
 from lvm.evaluation import heldout_analogies
 from lvm.prompting import InContextPrompter
+from scripts.app_chat import Chat
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
+from vlm import VLM, VLMConfig
+from vlm.text import train_default_tokenizer
 
 pytestmark = pytest.mark.slow  # a live Gradio server and browser sessions
 
@@ -67,7 +70,45 @@ def files(tmp_path_factory):
         resolve_image(image).save(root / f"{i}.png")
         prompt.append(root / f"{i}.png")
     (root / "bad.png").write_text("not an image")
+    Image.new("RGB", (40, 30), "red").save(root / "red.png")
+    save_tiny_vlm(root / "vlm")
     return root, prompt
+
+
+def save_tiny_vlm(directory: Path) -> None:
+    """A random VLM (32 px CLIP encoder, 2-layer LVM text decoder) with a small BPE tokenizer beside it."""
+    texts = [
+        "a red circle on a white background",
+        "What colour is the square? blue",
+        "How many shapes? three",
+    ]
+    tokenizer = train_default_tokenizer(directory, texts=texts * 4, vocab_size=300)
+    encoder = dict(
+        model_type="clip_vision_model",
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    llm = dict(
+        name="text",
+        vocab_size=len(tokenizer),
+        codebook_size=0,
+        hidden_size=48,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+    )
+    config = VLMConfig(
+        encoder={"kind": "hf", "config": encoder}, llm={"kind": "lvm", "config": llm},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    VLM(config).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +117,8 @@ def server(files):
     root, _ = files
     port = free_port()
     log = open(root / "server.log", "w")
-    command = [
-        sys.executable,
-        "-m",
-        "scripts.app",
-        "--lvm",
-        root / "lvm",
-        "--tokenizer",
-        root / "vq",
-        "--port",
-        port,
-    ]
+    command = [sys.executable, "-m", "scripts.app", "--lvm", root / "lvm", "--tokenizer", root / "vq", "--port", port,
+               "--vlm", root / "vlm"]  # fmt: skip
     process = subprocess.Popen(list(map(str, command)), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
@@ -212,4 +244,65 @@ def test_video_and_info_tabs(server, browser, files, prompter):
     info = page.locator("#model-info")
     sync_api.expect(info).to_contain_text("vqlm_tiny")
     sync_api.expect(info).to_contain_text("64 tokens per image")
+    sync_api.expect(info).to_contain_text("connector mlp2x_gelu")
     screenshot(page, "info.png")
+
+
+def printed(text: str) -> str:
+    """What two renderings of a random model's text share: its printable characters, blanks left out."""
+    return "".join(ch for ch in text if ch.isprintable() and not ch.isspace())
+
+
+@pytest.fixture(scope="module")
+def chat(files) -> Chat:
+    root, _ = files
+    return Chat.load(str(root / "vlm"), None, "cpu")
+
+
+def test_chat_answer_streams_token_by_token(chat, files):
+    """The handler's stream: one update per new token, the last one the whole greedy answer."""
+    root, _ = files
+    image = Image.open(root / "red.png")
+    turns = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    updates = list(chat.answer(turns, [image], max_new_tokens=8, temperature=0))
+    input_ids, pixel_values = chat.prompt(turns, [image])
+    ids = chat.vlm.generate(
+        input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=8, eos_token_id=chat.stop_ids
+    )
+    assert len(updates) == ids.shape[1]
+    assert updates[-1] == chat.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
+
+
+def read_answer(page, expected: str) -> str:
+    """The last assistant message once it reads `expected` (the answer streams in; timeout: its last text)."""
+    message = page.locator("#chat-messages .bot").last
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        if message.count() and printed(message.inner_text()) == printed(expected):
+            break
+        time.sleep(0.2)
+    return message.inner_text() if message.count() else ""
+
+
+def test_vlm_chat_keeps_history(server, browser, files, chat):
+    root, _ = files
+    image = Image.open(root / "red.png")
+    first = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    answer = list(chat.answer(first, [image], 16, 0.0))[-1]
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And its shape?"}]
+    follow_up = list(chat.answer(second, [image], 16, 0.0))[-1]
+
+    page = open_page(browser, server)
+    page.get_by_role("tab", name="VLM chat").click()
+    set_number(page, "#chat-max-new", 16)
+    page.locator("#chat-box input[type=file]").set_input_files(root / "red.png")
+    page.locator("#chat-box textarea").fill("What colour is it?")
+    page.locator("#chat-box textarea").press("Enter")
+    assert printed(read_answer(page, answer)) == printed(answer)
+    page.locator("#chat-box textarea").fill("And its shape?")
+    page.locator("#chat-box textarea").press("Enter")
+    sync_api.expect(page.locator("#chat-messages .bot")).to_have_count(2)
+    assert printed(read_answer(page, follow_up)) == printed(follow_up), (
+        "the second answer did not see the first turn"
+    )
+    screenshot(page, "chat.png")

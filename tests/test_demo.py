@@ -6,6 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from lvm.figures import MIN_SIDE
+from scripts.demo import TASKS
 
 pytestmark = pytest.mark.slow  # the whole demo, twice, in subprocesses
 
@@ -19,12 +23,28 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("token_accuracy", "changed_token_accuracy", "psnr"):
-        assert set(metrics[key]) >= METHODS
-    assert metrics["changed_token_accuracy"]["copy_query"] == 0.0
-    assert list((tmp_path / "grids").glob("*.png")) and (tmp_path / "tokenizer_reconstructions.png").exists()
+    scores = metrics["analogies"]
+    assert set(scores["per_task"]) == set(TASKS)
+    for group in (scores, *scores["per_task"].values()):
+        for key in ("token_accuracy", "changed_token_accuracy", "psnr"):
+            assert set(group[key]) >= METHODS
+        assert group["changed_token_accuracy"]["copy_query"] == 0.0
+    assert set(metrics["tokenizer"]["psnr_procedural"]) == set(TASKS) and metrics["tokenizer"]["psnr_photos"] > 0
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
+    assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
+
+    # labelled grids, one per task: a header row above one row per held-out prompt, images >= 96 px
+    grids = {Path(p).stem: Image.open(p) for p in scores["grids"]}
+    assert set(grids) == set(TASKS)
+    for grid in grids.values():
+        assert grid.height > MIN_SIDE + 20 and grid.width > 11 * MIN_SIDE  # 6 examples + 5 columns side by side
+    summary = Image.open(tmp_path / "summary.png")
+    assert summary.height > len(TASKS) * MIN_SIDE and summary.width > grids["edges"].width  # the table beside
+    assert (tmp_path / "tokenizer_reconstructions.png").exists()
+    tail = first.stdout[first.stdout.rindex("held-out analogies") :]  # the console ends with the table and paths
+    assert all(task in tail for task in TASKS) and str(tmp_path / "summary.png") in tail
+    assert "wandb:" not in first.stdout + first.stderr and "LeafSpec" not in first.stderr
 
     exports = [tmp_path / stage / "export" / "model.safetensors" for stage in ("tokenizer", "lvm")]
     written = [path.stat().st_mtime_ns for path in exports]

@@ -131,12 +131,12 @@ def test_perplexity_is_exp_mean_nll_of_the_target_tokens(prompter):
     assert value == pytest.approx(math.exp(sum(nll) / TOKENS), rel=1e-4)
 
 
-def test_analogy_scores_and_copy_baseline(prompter, tmp_path):
+def test_analogy_scores_and_copy_baseline(prompter):
     """Catches scores that are not those of the answers generated (a constant, another method's, answers
     scored against the query), and per-task tallies that mix tasks."""
     # Two prompt lengths in one batch: generate gets prompts of different lengths.
     batch = sentences([("flip", 2), ("recolor", 3)])
-    scores = score_analogies(prompter, batch, batch_size=4, grid_dir=tmp_path, num_grids=3)
+    scores, examples = score_analogies(prompter, batch, batch_size=4, keep_examples=2)  # 2 sentences per task
 
     truth = prompter.encode([s.answer for s in batch])
     query = prompter.encode([s.prompt[-1] for s in batch])
@@ -163,7 +163,9 @@ def test_analogy_scores_and_copy_baseline(prompter, tmp_path):
     for metric in ("token_accuracy", "changed_token_accuracy", "psnr"):
         assert set(scores[metric]) == set(METHODS)
     assert set(scores["per_task"]) == {"flip", "recolor"} and scores["per_task"]["flip"]["count"] == 2
-    assert len(scores["grids"]) == 3 and all(Path(p).exists() for p in scores["grids"])
+    assert {task: len(rows) for task, rows in examples.items()} == {"flip": 2, "recolor": 2}
+    row = examples["flip"][0]  # what the grid shows: the examples, the query, each method's answer, the truth
+    assert len(row.examples) == 2 and set(row.answers) == set(METHODS) and row.truth.size == (SIZE, SIZE)
 
 
 # -- bad input: errors before any generation --------------------------------------------------------------------
@@ -238,7 +240,8 @@ def test_eval_script(checkpoints, prompter, tmp_path):
     # another prompt, another value (a random model barely uses context: ~0.1% here, 100x the tolerance)
     assert value != pytest.approx(perplexity(prompter, [checkpoints / "2.png"], [checkpoints / "1.png"]), rel=1e-5)
     scores = main(
-        "analogies", *common, "--tasks", "flip,colorize", "--per-task", 1, "--n-shots", 2, "--grids", 1, "--out", tmp_path
+        "analogies", *common, "--tasks", "flip,colorize", "--per-task", 1, "--n-shots", 2, "--grid-rows", 1, "--out", tmp_path
     )
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(scores))
-    assert set(scores["per_task"]) == {"flip", "colorize"} and len(scores["grids"]) == 1
+    assert set(scores["per_task"]) == {"flip", "colorize"}
+    assert sorted(Path(p).name for p in scores["grids"]) == ["colorize.png", "flip.png"]

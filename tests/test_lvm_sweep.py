@@ -38,5 +38,7 @@ def test_sweep_trains_each_run_once_and_tabulates_its_logs(tmp_path, monkeypatch
     trained = []
     monkeypatch.setattr(sweep, "run_one", lambda run_dir, *args, **kwargs: trained.append(run_dir.name))
     (tmp_path / "sweep" / "runs" / "h32-l1-s2" / "finished").unlink()
+    assert sweep.main([*argv[:6], "--no-train"]) == rows[:1]  # the finished run only, and nothing trained
+    assert trained == []
     assert sweep.main(argv) == rows
     assert trained == ["h32-l1-s2"]

@@ -26,7 +26,8 @@ from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM, LVMConfig
 from lvm.model import Block
-from lvm.module import LVMModule, next_token_targets, warmup_cosine
+from lvm.module import LVMModule, next_token_targets
+from lvm.training import warmup_cosine
 from tokenizer import VQGAN
 
 ROOT = Path(__file__).resolve().parents[1]

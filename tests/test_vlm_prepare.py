@@ -66,12 +66,15 @@ def test_llava_json_to_shards_and_back_unchanged(llava, tmp_path):
         names = [record["image"]] if isinstance(record.get("image"), str) else record.get("image", [])
         assert stored == [(images / n).read_bytes() for n in names]  # the original encoded bytes
         assert sample["num_images"] == len(names)
+    plain = [s for shard in list_shards(tmp_path / "out") for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    assert [json.loads(s["json"])["id"] for s in plain] == [r["id"] for r in GOOD]  # any webdataset reader reads them
+    assert plain[1]["0.jpg"] == (images / "sub" / "b.jpg").read_bytes() and plain[1]["1.png"] == (images / "a.png").read_bytes()
     decoded = read_all(tmp_path / "out", decode=True)
     assert [im.format for im in decoded[1][1]] == ["JPEG", "PNG"] and decoded[3][1][0].mode == "L"
     assert np.array_equal(np.asarray(decoded[0][1][0]), np.asarray(Image.open(images / "a.png")))
 
 
-def test_bad_samples_skipped_with_reasons_or_raised_in_strict_mode(llava, tmp_path):
+def test_bad_samples_skipped_with_reasons_or_raised_in_strict_mode(llava, tmp_path, caplog):
     path, images = llava
     bad = [
         conversation("missing", "nowhere.png", ("human", "<image>\nQ"), ("gpt", "A")),
@@ -85,6 +88,7 @@ def test_bad_samples_skipped_with_reasons_or_raised_in_strict_mode(llava, tmp_pa
     assert manifest["samples"] == 4
     expected = {"missing_image": 1, "no_image_placeholder": 1, "too_many_placeholders": 1, "corrupt_image": 1, "bad_record": 1}
     assert manifest["skipped"] == expected and manifest["skipped_per_source"] == {"llava": expected}
+    assert sum("skipped: sample 'missing' of llava: image" in r.getMessage() for r in caplog.records) == 1
     for record, reason in zip(bad[:4], ["does not exist", "no <image> in the text", "2 <image> placeholders but 1", "cannot be decoded"], strict=True):
         path.write_text(json.dumps([record]))
         with pytest.raises(BadSample, match=reason):
@@ -122,7 +126,8 @@ def test_caption_folder_table_tars_and_interleaved(tmp_path):
         writer.write({"__key__": "000", "jpg": encoded(5, "JPEG"), "txt": "from a tar", "json": {"url": "x"}})
         writer.write({"__key__": "001", "txt": "no image"})
     doc = {"text_list": ["First.", "Second."], "image_info": [{"image_name": "folder/1.png", "matched_text_index": 1}]}
-    (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n")
+    obelics = {"id": "obelics", "texts": ["Look:", None, "done."], "images": [None, "folder/0.png", None]}
+    (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n" + json.dumps(obelics) + "\n")
     sources = [f"captions:{folder}", f"table:{tmp_path / 'pairs.tsv'}", f"tars:{tmp_path / 'pairs.tar'}", f"mmc4:{tmp_path / 'docs.jsonl'}"]
     manifest = prepare(sources, tmp_path / "out", progress=False)
     assert manifest["skipped"] == {"missing_caption": 1, "missing_image": 2}
@@ -131,8 +136,9 @@ def test_caption_folder_table_tars_and_interleaved(tmp_path):
     assert samples["0"][1] == [(folder / "0.png").read_bytes()]
     assert samples["pairs-2"][0]["turns"][0]["content"] == "<image>\na tsv caption"
     assert samples["000"][0]["kind"] == "caption" and samples["000"][1] == [encoded(5, "JPEG")]
-    (doc_sample, doc_images), = [v for v in samples.values() if v[0]["kind"] == "interleaved"]
+    doc_sample, doc_images = samples["docs-1"]
     assert doc_sample["turns"] == [{"role": "text", "content": "First. <image>\nSecond."}] and doc_images == [(folder / "1.png").read_bytes()]
+    assert samples["obelics"][0]["turns"][0]["content"] == "Look: <image>\ndone." and samples["obelics"][0]["kind"] == "interleaved"
 
 
 def test_reading_damaged_shards_skips_and_counts(tmp_path):

@@ -101,6 +101,10 @@ def test_scene_and_photo_samples():
         assert Image.open(io.BytesIO(sample["images"][0])).size == (32, 32)
         if sample["kind"] == "conversation":
             assert sample["qa_type"] in QA_TYPES and sample["turns"][-1] == {"role": "assistant", "content": sample["answer"]}
+    multi = [s for s in scene_samples(3, "heldout", size=32, qa="multi") if s["kind"] == "conversation"]
+    assert len(multi) == 3 and sum(len(s["answers"]) for s in multi) == kinds["conversation"]
+    assert [t["content"] for t in multi[0]["turns"][1::2]] == multi[0]["answers"]
+    assert sum(t["content"].count("<image>") for t in multi[0]["turns"]) == 1
     assert set(PHOTO_CAPTIONS) == set(embedded_photo_names())
     photos = list(photo_samples("val"))
     assert [p["id"] for p in photos] == [f"photo-{n}" for n in embedded_photo_names("val")]

@@ -52,11 +52,14 @@ class HFVisionEncoder(nn.Module):
     penultimate, -2; -1 is the tower's last_hidden_state, as InternVL reads it); `select` "default" drops
     the CLS token where the tower has one, "full" keeps it (then N = h * w + 1)."""
 
-    def __init__(self, config: dict, feature_layer: int = -2, select: str = "default", path: str | None = None):
+    def __init__(self, config: dict | None = None, feature_layer: int = -2, select: str = "default",
+                 path: str | None = None):
         super().__init__()
         import transformers
 
-        model_type = config.get("model_type")
+        if path is not None:  # a local transformers directory: its config.json says which tower
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+        model_type = (config or {}).get("model_type")
         if model_type not in HF_TOWERS:
             raise ValueError(f"unknown transformers vision tower {model_type!r}; valid: {', '.join(HF_TOWERS)}")
         if select not in ("default", "full"):

@@ -10,8 +10,8 @@
     read_caption_folder(root)         image + same-name .txt caption
     read_caption_table(path, ...)     CSV / TSV with an image path column and a caption column
     read_caption_tars(path)           img2dataset webdataset tars (jpg/png/webp + txt), a tar or a folder of them
-    read_interleaved(path, image_root)  MMC4-style JSONL: {"text_list": [...], "image_info": [{"image_name",
-                                      "matched_text_index"}]}, each image placed before its matched text
+    read_interleaved(path, image_root)  interleaved documents: MMC4 ({"text_list", "image_info": [{"image_name",
+                                      "matched_text_index"}]}) or OBELICS ({"texts", "images"} parallel lists)
 
 `validated(samples, stats, strict)` turns images into their original encoded bytes and drops bad samples
 (missing or corrupt image, `<image>` markers that do not match the images), counting and logging why.
@@ -156,28 +156,45 @@ def read_caption_tars(path: str | os.PathLike, source: str | None = None) -> Ite
 
 
 def read_interleaved(path: str | os.PathLike, image_root: str | os.PathLike | None = None, source: str | None = None) -> Iterator[dict]:
-    """MMC4-style documents, one per JSONL line: sentences `text_list`, images `image_info` with
-    `image_name` (relative to image_root, default the file's folder) and `matched_text_index`."""
+    """Interleaved documents, one per JSON(L) record, image names relative to image_root (default: the
+    file's folder). Two layouts: MMC4 (sentences `text_list`, images `image_info` with `image_name` and
+    `matched_text_index`, each image placed before its sentence) and OBELICS (parallel lists `texts` and
+    `images`, one of the two None at each position)."""
     path = Path(path)
     root, source = Path(image_root) if image_root else path.parent, source or path.stem
     for index, record in _records(path):
         try:
-            texts = [str(t) for t in record["text_list"]]
-            placed = sorted(record.get("image_info") or [], key=lambda info: info["matched_text_index"])
-            before: dict[int, list[str]] = collections.defaultdict(list)
-            for info in placed:
-                before[int(info["matched_text_index"])].append(info["image_name"])
-        except (KeyError, TypeError, ValueError) as error:
-            yield {"id": f"{path.name}:{index}", "source": source, "error": BadSample("bad_record", f"{path} record {index}: not an MMC4 document ({error!r})")}
+            items = _obelics_items(record) if "texts" in record else _mmc4_items(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            yield {"id": f"{path.name}:{index}", "source": source, "error": BadSample("bad_record", f"{path} record {index}: not an MMC4 or OBELICS document ({error!r})")}
             continue
-        parts = [f"{IMAGE_TOKEN}\n" * len(before[i]) + text for i, text in enumerate(texts)]
+        content = " ".join(f"{IMAGE_TOKEN}\n" if is_image else text for is_image, text in items).replace("\n ", "\n")
         yield {
             "id": str(record.get("id") or record.get("url") or f"{path.stem}-{index}"),
             "source": source,
             "kind": "interleaved",
-            "turns": [{"role": "text", "content": " ".join(parts)}],
-            "images": [root / name for i in range(len(texts)) for name in before[i]],
+            "turns": [{"role": "text", "content": content}],
+            "images": [root / name for is_image, name in items if is_image],
         }
+
+
+def _mmc4_items(record: dict) -> list[tuple[bool, str]]:
+    """(is_image, text or image name) in reading order."""
+    texts = [str(t) for t in record["text_list"]]
+    before: dict[int, list[str]] = collections.defaultdict(list)
+    for info in record.get("image_info") or []:
+        position = int(info["matched_text_index"])
+        if not 0 <= position < len(texts):
+            raise ValueError(f"image {info['image_name']} matched to sentence {position} of {len(texts)}")
+        before[position].append(info["image_name"])
+    return [item for i, text in enumerate(texts) for item in [*((True, n) for n in before[i]), (False, text)]]
+
+
+def _obelics_items(record: dict) -> list[tuple[bool, str]]:
+    texts, images = record["texts"], record["images"]
+    if len(texts) != len(images) or any((t is None) == (i is None) for t, i in zip(texts, images, strict=True)):
+        raise ValueError("texts and images must be parallel lists with exactly one of the two set at each position")
+    return [(True, i) if t is None else (False, str(t)) for t, i in zip(texts, images, strict=True)]
 
 
 # -- validation -----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ class LVMTextModel(nn.Module):
 
     kind = "lvm"
 
-    def __init__(self, config: dict, path: str | None = None):
+    def __init__(self, config: dict | None = None, path: str | None = None):
         super().__init__()
         from lvm import LVM, LVMConfig
 
@@ -32,10 +32,13 @@ class LVMTextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(input_ids)
 
-    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # Padding as a document of its own: real tokens attend causally to real tokens only, as HF masks it.
-        document_ids = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.long() - 1
-        return self.model(inputs_embeds=embeds, document_ids=document_ids)
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed rows pass document_ids (block-diagonal causal attention, -1 on padding) and position_ids;
+        otherwise padding is a document of its own, so real tokens see real tokens only, as HF masks it."""
+        if document_ids is None and attention_mask is not None and not bool(attention_mask.all()):
+            document_ids = attention_mask.long() - 1
+        return self.model(inputs_embeds=embeds, document_ids=document_ids, position_ids=position_ids)
 
     def new_cache(self, pad: torch.Tensor, length: int):
         from lvm.attention import KVCache
@@ -52,14 +55,14 @@ class HFTextModel(nn.Module):
 
     kind = "hf"
 
-    def __init__(self, config: dict, path: str | None = None):
+    def __init__(self, config: dict | None = None, path: str | None = None):
         super().__init__()
         import transformers
 
         if path is not None:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(path)
         else:
-            model_type = config.get("model_type")
+            model_type = (config or {}).get("model_type")
             if model_type is None:
                 raise ValueError("an hf LLM config needs its model_type (e.g. 'qwen2', 'llama', 'mistral')")
             hf_config = transformers.AutoConfig.for_model(**config)
@@ -73,8 +76,15 @@ class HFTextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if document_ids is not None:
+            if bool((document_ids > 0).any()):
+                raise ValueError("a transformers LLM takes one sample per row: set data.pack false (packing "
+                                 "with block-diagonal attention needs the lvm LLM)")
+            attention_mask = (document_ids >= 0).long()
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
 
     def new_cache(self, pad: torch.Tensor, length: int):
         from transformers import DynamicCache

@@ -107,7 +107,7 @@ class VLM(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None, pixel_attention_mask=None) -> torch.Tensor:
         """Text embeddings [B, L, C] with the image tokens written at the placeholders."""
         embeds = self.llm.embed(input_ids)
-        if pixel_values is None:
+        if pixel_values is None or pixel_values.shape[0] == 0:  # a text-only batch
             if (input_ids == self.config.image_token_id).any():
                 raise ValueError("input_ids hold <image> placeholders but no pixel_values were given")
             return embeds
@@ -121,12 +121,15 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
         """The tensors a family's HF processor gives its HF model (placeholders already expanded) ->
         VLMOutput(logits [B, L, vocab], loss). With labels: next-token cross entropy over positions whose
-        label is not -100; image positions never carry loss."""
+        label is not -100; image positions never carry loss. Packed training rows (vlm.data) pass
+        document_ids and position_ids instead of an attention mask."""
         embeds = self.embed_inputs(input_ids, pixel_values, pixel_attention_mask)
-        logits = self.llm(embeds, attention_mask)
+        logits = self.llm(embeds, attention_mask, document_ids, position_ids)
         loss = None
         if labels is not None:
             labels = mask_image_labels(labels, input_ids, self.config.image_token_id)

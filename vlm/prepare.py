@@ -6,7 +6,8 @@ Sources (KIND:SPEC):
     table:FILE[:IMAGE_ROOT]    CSV / TSV with image and caption columns
     tars:PATH                  img2dataset webdataset tars (jpg + txt), a tar or a folder of them
     mmc4:FILE[:IMAGE_ROOT]     interleaved documents (MMC4-style JSONL)
-    scenes:N[:SPLIT[:SIZE]]    N procedural scenes (vlm.scenes; split train|heldout, SIZE px, default 64)
+    scenes:N[:SPLIT[:SIZE[:QA]]]  N procedural scenes (vlm.scenes; split train|heldout, SIZE px (64), QA single
+                               (a conversation per question, default) or multi (one per scene))
     photos[:SPLIT]             the embedded photos with their captions (all|train|val)
 
 A shard set:
@@ -71,8 +72,9 @@ def samples_from_spec(spec: str) -> Iterator[dict]:
 
 
 def _scenes(rest: str) -> Iterator[dict]:
-    count, split, size = (rest.split(":") + ["train", "64"])[:3]
-    return scenes.scene_samples(int(count), split or "train", int(size or 64))
+    fields = rest.split(":")
+    count, split, size, qa = fields + ["", "train", "64", "single"][len(fields) :]
+    return scenes.scene_samples(int(count), split, int(size), qa=qa)
 
 
 def prepare(

@@ -156,45 +156,56 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def scene_samples(count: int, split: str = "train", size: int = 64, start: int = 0) -> Iterator[dict]:
-    """Normalised samples (vlm.formats) of `count` scenes: per scene one caption sample, then one single-turn
-    conversation per QA pair (`qa_type`, `answer` and `scene_seed` recorded for per-type scoring)."""
+def scene_samples(count: int, split: str = "train", size: int = 64, start: int = 0, qa: str = "single") -> Iterator[dict]:
+    """Normalised samples (vlm.formats) of `count` scenes: per scene one caption sample, then its questions.
+
+    qa="single": one single-turn conversation per QA pair, with `qa_type` and `answer` (per-type scoring);
+    qa="multi": one multi-turn conversation per scene asking them all (the image read once), with
+    `qa_types` and `answers`. Every sample records its `scene_seed`."""
+    if qa not in ("single", "multi"):
+        raise ValueError(f"qa must be 'single' or 'multi', not {qa!r}")
     for seed in scene_seeds(split, count, start):
-        image, caption, qa = scene_sample(seed, size)
-        data = png_bytes(image)
-        common = {"source": f"{SOURCE}-{split}", "images": [data], "scene_seed": seed}
+        image, caption, pairs = scene_sample(seed, size)
+        common = {"source": f"{SOURCE}-{split}", "images": [png_bytes(image)], "scene_seed": seed}
         yield {**common, "id": f"scene{seed}-caption", "kind": "caption", "turns": [{"role": "text", "content": f"<image>\n{caption}"}]}
-        for qa_type, question, answer in qa:
-            turns = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": answer}]
-            yield {**common, "id": f"scene{seed}-{qa_type}", "kind": "conversation", "turns": turns, "qa_type": qa_type, "answer": answer}
+        groups = [[pair] for pair in pairs] if qa == "single" else [pairs]
+        for group in groups:
+            turns = []
+            for _, question, answer in group:
+                prefix = "" if turns else "<image>\n"
+                turns += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+            types, answers = [p[0] for p in group], [p[2] for p in group]
+            extra = {"qa_type": types[0], "answer": answers[0]} if qa == "single" else {"qa_types": types, "answers": answers}
+            name = types[0] if qa == "single" else "qa"
+            yield {**common, "id": f"scene{seed}-{name}", "kind": "conversation", "turns": turns, **extra}
 
 
-# Short captions written for the embedded photos (data/photos.py), by looking at each.
+# Short captions written by hand for the embedded photos (data/photos.py), looking at each one.
 PHOTO_CAPTIONS = {
-    "astronaut": "an astronaut in an orange suit smiling in front of a flag",
+    "astronaut": "an astronaut in an orange suit smiling in front of a flag and a space shuttle",
     "brick": "a gray brick wall",
     "camera": "a man looking through a camera on a tripod, in black and white",
-    "chelsea": "an orange tabby cat looking to the side",
-    "clock": "a clock on a wall, in black and white",
-    "coffee": "a cup of coffee on a saucer with a spoon",
-    "coins": "rows of old coins on a dark background",
+    "chelsea": "a close-up of a tabby cat's face",
+    "clock": "a blurry round clock on a gray background",
+    "coffee": "a cup of coffee on a red saucer with a spoon",
+    "coins": "rows of old coins, in black and white",
     "colorwheel": "a colour wheel with a rainbow of hues",
     "grass": "a close-up of grass, in black and white",
     "gravel": "a close-up of gravel, in black and white",
-    "hubble_deep_field": "many small galaxies in the dark night sky",
+    "hubble_deep_field": "many small galaxies in dark space",
     "immunohistochemistry": "stained tissue cells under a microscope",
-    "logo": "a logo with a snake and the words scikit image",
+    "logo": "a round green and orange logo with a snake",
     "moon": "the surface of the moon with craters, in black and white",
     "page": "a scanned page of printed text",
     "retina": "a photo of the retina of an eye, orange with red blood vessels",
-    "rocket": "a rocket standing on its launch pad",
-    "text": "printed letters and numbers on a gray background",
-    "stereo_motorcycle": "a motorcycle parked in a room",
-    "cell": "a cell under a microscope, in black and white",
+    "rocket": "a rocket on its launch pad at night",
+    "text": "handwritten letters and numbers on gray paper",
+    "stereo_motorcycle": "a red motorcycle parked in a garage",
+    "cell": "a bright round cell under a microscope, in black and white",
     "microaneurysms": "a gray close-up of blood vessels in an eye",
-    "china": "an old chinese temple among green trees",
-    "flower": "a close-up of a pink flower with green leaves",
-    "grace_hopper": "a portrait of a woman in a navy uniform",
+    "china": "a chinese pagoda among green trees by a lake",
+    "flower": "an orange dahlia flower on a dark green background",
+    "grace_hopper": "a portrait of a woman in a navy uniform in front of a flag",
 }
 
 
