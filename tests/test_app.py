@@ -84,25 +84,13 @@ def save_tiny_vlm(directory: Path) -> None:
     ]
     tokenizer = train_default_tokenizer(directory, texts=texts * 4, vocab_size=300)
     encoder = dict(
-        model_type="clip_vision_model",
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
+        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4,
+    )  # fmt: skip
     llm = dict(
-        name="text",
-        vocab_size=len(tokenizer),
-        codebook_size=0,
-        hidden_size=48,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=512,
-    )
+        name="text", vocab_size=len(tokenizer), codebook_size=0, hidden_size=48, intermediate_size=96,
+        num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
     config = VLMConfig(
         encoder={"kind": "hf", "config": encoder}, llm={"kind": "lvm", "config": llm},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), eos_token_id=tokenizer.eos_token_id,

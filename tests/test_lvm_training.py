@@ -37,13 +37,7 @@ TINY = dict(model="vqlm_tiny", model_overrides=SHAPE)
 DATA = dict(seq_len=512, batch_size=2, num_workers=0, shuffle_buffer=8)  # a row holds two 258-token documents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: a second thread only adds synchronisation (several times slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
 
 
 @pytest.fixture(scope="module")
