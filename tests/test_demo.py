@@ -32,6 +32,10 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert set(metrics["tokenizer"]["psnr_procedural"]) == set(TASKS) and metrics["tokenizer"]["psnr_photos"] > 0
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
+    vlm = metrics["vlm"]
+    assert set(vlm["qa_exact_match"]) == {"model", "blank_image", "text_only"} and vlm["count"] > 0
+    assert set(vlm["caption_f1"]) == {"model", "blank_image"}
+    assert (tmp_path / "vlm" / "qa_grid.png").exists() and (tmp_path / "vlm" / "sft" / "export" / "config.json").exists()
     assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
 
     # labelled grids, one per task: a header row above one row per held-out prompt, images >= 96 px

@@ -165,3 +165,23 @@ def test_bf16_generation_follows_the_fp32_model():
 def test_bad_arguments(prompt_ids, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny().generate(prompt_ids, max_new_tokens=2, **kwargs)
+
+
+def test_stop_ids_end_rows_and_embeddings_prompt_equals_ids():
+    model = tiny()
+    batch = prompts(5, 9)
+    free = model.generate(batch, max_new_tokens=16, temperature=0)
+    stop = int(free[0, 3])  # row 0 produces it at step 3 (and maybe row 1 somewhere)
+    stopped = model.generate(batch, max_new_tokens=16, temperature=0, stop_ids=[stop])
+    for row, full in zip(stopped, free, strict=True):
+        hits = (full == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else 16
+        assert torch.equal(row[:end], full[:end]) and (row[end:] == stop).all()  # repeats the stop id
+    assert stopped.shape[1] == 16 or (stopped[:, -1] == stop).all()  # shorter only when every row stopped
+    with pytest.raises(ValueError, match="stop_ids"):
+        model.generate(batch, max_new_tokens=4, stop_ids=[VOCAB - 1])  # a special id is never produced
+
+    embeds = [model.model.embed_tokens(p).detach() for p in batch]
+    assert torch.equal(model.generate(None, max_new_tokens=16, temperature=0, inputs_embeds=embeds), free)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.generate(batch, inputs_embeds=embeds)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data.procedural import procedural_analogy, procedural_seeds
 from lvm import LVM, LVMConfig
-from lvm.evaluation import METHODS, perplexity, score_analogies
+from lvm.evaluation import METHODS, most_likely, perplexity, score_analogies, target_nll
 from lvm.prompting import InContextPrompter, PromptJob, read_jobs
 from tokenizer import VQGAN, to_tensor
 from tokenizer.images import psnr
@@ -166,6 +166,20 @@ def test_analogy_scores_and_copy_baseline(prompter):
     assert {task: len(rows) for task, rows in examples.items()} == {"flip": 2, "recolor": 2}
     row = examples["flip"][0]  # what the grid shows: the examples, the query, each method's answer, the truth
     assert len(row.examples) == 2 and set(row.answers) == set(METHODS) and row.truth.size == (SIZE, SIZE)
+
+
+def test_candidates_are_picked_by_likelihood(prompter):
+    batch = sentences([("recolor", 2)])
+    contexts = [prompter.encode(s.prompt) for s in batch]
+    drawn = prompter.complete(contexts, num_candidates=3, temperature=1.0, seed=0)[:, :, 0]  # [B, 3, TOKENS]
+    picked = most_likely(prompter, contexts, drawn)
+    for context, options, pick in zip(contexts, drawn, picked, strict=True):
+        nll = [target_nll(prompter.model, prompter.prompt_ids(context), o).mean().item() for o in options]
+        assert len(set(nll)) == 3 and torch.equal(pick, options[min(range(3), key=nll.__getitem__)])
+    scores, _ = score_analogies(prompter, batch, num_candidates=3, temperature=1.0, seed=0)
+    greedy, _ = score_analogies(prompter, batch)
+    assert scores["count"] == 2 and set(scores["psnr"]) == set(METHODS)
+    assert greedy["token_accuracy"]["copy_query"] == scores["token_accuracy"]["copy_query"]
 
 
 # -- bad input: errors before any generation --------------------------------------------------------------------

@@ -37,7 +37,7 @@ TINY = dict(model="vqlm_tiny", model_overrides=SHAPE)
 DATA = dict(seq_len=512, batch_size=2, num_workers=0, shuffle_buffer=8)  # a row holds two 258-token documents
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ VLM = {
 DATA = dict(seq_len=192, batch_size=2, num_workers=0, shuffle_buffer=16)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
