@@ -27,8 +27,9 @@ from tqdm import tqdm
 from data.procedural import procedural_analogy, procedural_seeds
 from data.sentences import Sentence
 from lvm.figures import AnalogyExample
-from lvm.prompting import ImageLike, InContextPrompter, check_analogy_count
+from lvm.prompting import InContextPrompter, check_analogy_count
 from tokenizer import to_pil, to_tensor
+from tokenizer.images import ImageLike, psnr
 
 METHODS = ("model", "copy_query", "no_context")
 GENERATED = ("model", "no_context")  # the methods that run the model (and so have a perplexity)
@@ -52,12 +53,6 @@ def perplexity(prompter: InContextPrompter, prompt: Sequence[ImageLike], targets
     prompt_ids = prompter.prompt_ids(prompter.encode(prompter.fit_images(prompt)))
     target_ids = prompter.encode(prompter.fit_images(targets, "target image")).reshape(-1)
     return math.exp(target_nll(prompter.model, prompt_ids, target_ids).mean().item())
-
-
-def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """float [B] PSNR in dB of images in [0, 1] against references (capped at 100 dB for exact matches)."""
-    mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 def heldout_analogies(tasks: Iterable[str], per_task: int, n_shots: int, size: int) -> list[Sentence]:

@@ -34,11 +34,12 @@ from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM
 from lvm.checkpoints import atomic_path
-from lvm.evaluation import heldout_analogies, metrics_table, psnr, score_analogies
+from lvm.evaluation import heldout_analogies, metrics_table, score_analogies
 from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
 from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_pil, to_tensor
+from tokenizer.images import psnr
 from vlm import demo as vlm_demo
 
 ROOT = Path(__file__).resolve().parents[1]
