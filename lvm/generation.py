@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 CACHE_ROUND = 256  # compiled decoding: cache lengths round up to this, so nearby lengths share a compile
+MAX_DECODERS = 4  # compiled decoders (and their caches) kept per model, one per batch size x length class
 
 
 @torch.inference_mode()
@@ -115,7 +116,7 @@ def generate(
         for step in range(max_new_tokens):
             if step:  # feed the previous token at the slot after the prompt and the tokens before it
                 slot, previous = prompt_length + step - 1, new[:, step - 1 : step]
-                logits = decoder(previous, slot) if compile else model.forward_cached(previous, cache, start=slot)
+                logits = decoder(model, previous, slot) if compile else model.forward_cached(previous, cache, start=slot)
             new[:, step] = sample(logits, allowed, temperature, top_k, top_p, generator)
             if stops is not None:
                 new[:, step] = torch.where(finished, new[:, step - 1], new[:, step])
@@ -132,7 +133,7 @@ def generate(
 class CompiledDecoder:
     """A static KV cache for `batch` rows of `length` slots and the one-token decode step compiled for it.
 
-    decoder(ids [B, 1], slot) -> logits [B, vocab]: feeds the tokens at cache slot `slot`. The slot goes
+    decoder(model, ids [B, 1], slot) -> logits [B, vocab]: feeds the tokens at cache slot `slot`. The slot goes
     in as a tensor, so the compiled step never specialises on it. Inductor freezes the weights (folds
     them in as constants and prepacks them for its matmul kernels), set through its config flag:
     torch.compile(options={"freezing": True}) is silently ignored. Frozen weights are why a decoder is
@@ -153,19 +154,19 @@ class CompiledDecoder:
         # weight values: a code object of its own keeps frozen weights from serving another decoder.
         step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__)
         self.step = torch.compile(
-            functools.partial(step, model, self.cache),
+            functools.partial(step, self.cache),  # not the model: decoders live in a dict weakly keyed by it
             fullgraph=True,
             dynamic=False,
             mode="reduce-overhead" if cuda else None,
         )
 
-    def __call__(self, ids: torch.Tensor, slot: int) -> torch.Tensor:
+    def __call__(self, model: LVM, ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.slot.fill_(slot)
         with torch._inductor.config.patch(freezing=True):
-            return self.step(ids, self.slot)
+            return self.step(model, ids, self.slot)
 
 
-def _decode_step(model: LVM, cache: KVCache, ids: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+def _decode_step(cache: KVCache, model: LVM, ids: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """ids long [B, 1] at cache slot `slot` (long [1]) -> logits [B, vocab]."""
     positions = (slot - cache.pad)[:, None]  # [B, 1]; the slot is past every row's padding
     return model.lm_head(model._hidden(model.model.embed_tokens(ids), positions, cache.static_attends(slot))[:, -1])
@@ -183,6 +184,9 @@ def compiled_decoder(model: LVM, batch: int, length: int, dtype: torch.dtype, de
     decoder = decoders.get(key)
     if decoder is None or decoder.weights != _weights_key(model):
         log.info("compiling the decode step for batch %d, cache length %d (once per shape)", batch, length)
+        decoders.pop(key, None)
+        if len(decoders) >= MAX_DECODERS:  # each holds a KV cache: drop the oldest shape
+            del decoders[next(iter(decoders))]
         decoders[key] = decoder = CompiledDecoder(model, batch, length, dtype, device)
     return decoder
 

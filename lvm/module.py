@@ -11,6 +11,8 @@ The teacher is loaded from `teacher_path` and never written into checkpoints.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -45,19 +47,30 @@ class LVMModule(PretrainingModule):
         teacher_path: str | None = None,
         distill_temperature: float = 1.0,
         distill_weight: float = 1.0,
+        activation_checkpointing: bool = False,
         compile: bool = False,
         peak_flops_per_device: float = 989e12,
         export_dir: str | None = None,
     ):
         """`model`: a preset name (lvm.LVMConfig.from_name) with `model_overrides` applied (e.g.
-        activation_checkpointing, attn_backend); `init_from` starts from a saved LVM instead.
+        attn_backend, num_layers); `init_from` starts from a saved LVM instead.
+        `activation_checkpointing` (recompute each block in backward) and `compile` (torch.compile) are
+        training switches: they trade memory and speed, the model and its checkpoints stay the same.
         `decay_steps`: where the cosine reaches `min_learning_rate` (default: trainer.max_steps).
         `peak_flops_per_device`: the accelerator's peak FLOP/s for MFU (989e12: H100 SXM dense bf16).
         `export_dir` receives model.save_pretrained (HF Llama layout) at the end of fit."""
         super().__init__()
         self.save_hyperparameters()
-        overrides = model_overrides or {}
+        overrides = dict(model_overrides or {})
+        if "activation_checkpointing" in overrides:  # where configs kept it before it became a training switch
+            warnings.warn(
+                "model_overrides.activation_checkpointing moved to model.activation_checkpointing",
+                FutureWarning,
+                stacklevel=2,
+            )
+            activation_checkpointing = overrides.pop("activation_checkpointing")
         self.model = LVM.from_pretrained(init_from, **overrides) if init_from else LVM(LVMConfig.from_name(model, **overrides))
+        self.model.activation_checkpointing = activation_checkpointing
         self.teacher = None
         if teacher_path:
             self.teacher = LVM.from_pretrained(teacher_path).eval().requires_grad_(False)

@@ -19,6 +19,8 @@ from lvm.faults import AtomicCheckpointIO, FaultTolerance
 from lvm.module import LVMModule
 from scripts.fault_drill import DrillRecorder, drill, make_shards
 
+pytestmark = pytest.mark.slow  # Lightning fits interrupted by injected faults
+
 TINY = dict(model="vqlm_tiny", model_overrides={"codebook_size": 64, "vocab_size": 164}, warmup_steps=3, learning_rate=3e-3)
 
 

@@ -2,6 +2,9 @@
 eager path's tokens, are compiled once per shape and process, and follow weight updates. Compiling on
 CPU takes tens of seconds, so everything shares one model and one batch shape."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -17,13 +20,13 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     model = LVM(config).eval()
     ragged = [torch.randint(0, CODEBOOK, (n,)) for n in (7, 19, 1, 12)]
 
-    def both(**kwargs):
+    def both(model, **kwargs):
         return [model.generate(ragged, max_new_tokens=24, compile=c, **kwargs) for c in (False, True)]
 
-    eager, compiled = both(temperature=0)  # fp32 greedy, left-padded batch
+    eager, compiled = both(model, temperature=0)  # fp32 greedy, left-padded batch
     assert torch.equal(eager, compiled)
     graphs = counters["stats"]["unique_graphs"]
-    eager, compiled = both(top_k=20, seed=3)  # sampling: same logits and generator, same draws
+    eager, compiled = both(model, top_k=20, seed=3)  # sampling: same logits and generator, same draws
     assert torch.equal(eager, compiled) and len(set(compiled.flatten().tolist())) > 20
     # The second call reused the compiled step: same shapes (cache length rounds up), no new graph.
     assert counters["stats"]["unique_graphs"] == graphs
@@ -31,5 +34,11 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     with torch.no_grad():  # an optimizer step would change the weights in place, as this does
         for p in model.parameters():
             p.mul_(1.5)
-    eager, compiled = both(temperature=0)
+    eager, compiled = both(model, temperature=0)
     assert torch.equal(eager, compiled)  # not the stale frozen weights
+
+    # The kept decoders do not keep the model alive.
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
