@@ -1,14 +1,21 @@
 """Generation speed of LVM.generate against transformers' LlamaForCausalLM.generate, in one run.
 
-    python bench/generate.py [--repeats 5] [--new-tokens 256] [--prompt-images 7] [--threads 1]
+    python bench/generate.py [--repeats 3] [--new-tokens 256] [--prompt-images 7] [--threads 1]
+                             [--cases demo,demo_b8,h1024] [--no-compile]
 
 The in-context prompting case: one 256-token image generated after a 3-pair analogy prompt
-(7 images x 256 = 1792 tokens), greedy, only image codes allowed, fp32 on CPU, `vqlm_demo` preset
-(positions extended to cover prompt + image). Both models hold the same random weights: HF loads
-our save_pretrained directory, with sdpa attention, and suppresses the special ids like we do; the
-bench checks that both produce the same tokens. Each call is timed twice: generating one token (the
-prompt's prefill) and the whole image; decode tokens/s = (new tokens - 1) / (whole - prefill).
-Runs are interleaved (ours, HF, ours, ..) and the best of `repeats` kept, so noise hits both alike.
+(7 images x 256 = 1792 tokens), greedy, only image codes allowed, fp32 on CPU. Cases:
+    demo      `vqlm_demo` preset (positions extended to cover prompt + image), batch 1 -> ratio_vs_hf
+    demo_b8   the same, 8 different prompts in one batch                        -> ratio_vs_hf_b8
+    h1024     hidden 1024 / 8 layers (vqlm_300m's layer shape), batch 1, 3-image prompt -> ratio_vs_hf_h1024
+Both models hold the same random weights: HF loads our save_pretrained directory, with sdpa attention
+and its default dynamic cache, and suppresses the special ids like we do; the bench checks that all
+paths produce the same tokens. Ours runs twice: eager (the default) and with compile=True (static
+cache, inductor-compiled decode step); the ratios are the compiled path's (eager's are printed too).
+Each call is timed twice: generating one token (the prompt's prefill) and the whole image; decode
+tokens/s = (new tokens - 1) / (whole - prefill). Runs are interleaved (eager, compiled, HF, eager, ..)
+and the best of `repeats` kept, so noise hits all alike. The compiled step is built before the timed
+rounds; its compile time is printed (it is paid once per shape and process).
 One thread by default: a decode step of this model is a few hundred tiny ops, so a second thread
 adds only synchronisation, and on a busy machine its barrier waits swamp both measurements alike.
 The last line is JSON.
@@ -30,6 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lvm import LVM, LVMConfig  # noqa: E402
 
 TOKENS_PER_IMAGE = 256
+CASES = {  # name: (preset, overrides, batch, prompt images)
+    "demo": ("vqlm_demo", {}, 1, 7),
+    "demo_b8": ("vqlm_demo", {}, 8, 7),
+    "h1024": ("vqlm_300m", {"num_layers": 8}, 1, 3),
+}
+KEYS = {"demo": "ratio_vs_hf", "demo_b8": "ratio_vs_hf_b8", "h1024": "ratio_vs_hf_h1024"}
 
 
 def timed(fn, *args) -> tuple[float, torch.Tensor]:
@@ -38,63 +51,95 @@ def timed(fn, *args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--new-tokens", type=int, default=TOKENS_PER_IMAGE)
-    parser.add_argument("--prompt-images", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
+def bench_case(name: str, new_tokens: int, repeats: int, compile: bool, prompt_images: int | None) -> dict:
     from transformers import LlamaForCausalLM
 
-    prompt_length = args.prompt_images * TOKENS_PER_IMAGE
-    config = LVMConfig.from_name("vqlm_demo")
-    config.max_position_embeddings = max(config.max_position_embeddings, prompt_length + args.new_tokens)
+    preset, overrides, batch, images = CASES[name]
+    prompt_length = (prompt_images or images) * TOKENS_PER_IMAGE
+    config = LVMConfig.from_name(preset, **overrides)
+    config.max_position_embeddings = max(config.max_position_embeddings, prompt_length + new_tokens)
+    torch.manual_seed(0)
     ours = LVM(config).eval()
     with tempfile.TemporaryDirectory() as directory:
         ours.save_pretrained(directory)
         hf = LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
-    prompt = torch.randint(0, config.codebook_size, (1, prompt_length))
+    prompt = torch.randint(0, config.codebook_size, (batch, prompt_length))
     specials = list(range(config.codebook_size, config.vocab_size))
 
-    def run_ours(new_tokens: int) -> torch.Tensor:
-        return ours.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-
     @torch.inference_mode()
-    def run_hf(new_tokens: int) -> torch.Tensor:
+    def run_hf(n: int) -> torch.Tensor:
         out = hf.generate(
             prompt,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
+            attention_mask=torch.ones_like(prompt),  # no padding (HF cannot tell, its pad id is EOS)
+            max_new_tokens=n,
+            min_new_tokens=n,
             do_sample=False,
             suppress_tokens=specials,
             pad_token_id=config.eos_id,
         )
         return out[:, prompt_length:]
 
-    runners = {"ours": run_ours, "transformers": run_hf}
+    runners = {"ours eager": lambda n: ours.generate(prompt, max_new_tokens=n, temperature=0)}
+    compile_s = None
+    if compile:
+        runners["ours compiled"] = lambda n: ours.generate(prompt, max_new_tokens=n, temperature=0, compile=True)
+        compile_s, _ = timed(runners["ours compiled"], 2)  # builds the step: the one-off cost
+        compile_s -= timed(runners["ours compiled"], 2)[0]
+    runners["transformers"] = run_hf
     best = {name: {"prefill": float("inf"), "whole": float("inf")} for name in runners}
     tokens = {}
-    for _ in range(args.repeats):
-        for name, run in runners.items():
+    for _ in range(repeats):
+        for runner, run in runners.items():
             prefill, _ = timed(run, 1)
-            whole, tokens[name] = timed(run, args.new_tokens)
-            best[name]["prefill"] = min(best[name]["prefill"], prefill)
-            best[name]["whole"] = min(best[name]["whole"], whole)
-    same = torch.equal(tokens["ours"], tokens["transformers"])
+            whole, tokens[runner] = timed(run, new_tokens)
+            best[runner]["prefill"] = min(best[runner]["prefill"], prefill)
+            best[runner]["whole"] = min(best[runner]["whole"], whole)
+    same = all(torch.equal(t, tokens["transformers"]) for t in tokens.values())
 
-    print(f"vqlm_demo, prompt {prompt_length} tokens, {args.new_tokens} new, greedy, {args.threads} threads")
-    print(f"{'':14}{'prefill s':>10}{'whole s':>10}{'decode tok/s':>14}{'overall tok/s':>15}")
-    rate = {}
-    for name, t in best.items():
-        rate[name] = (args.new_tokens - 1) / (t["whole"] - t["prefill"])
-        print(f"{name:14}{t['prefill']:10.3f}{t['whole']:10.3f}{rate[name]:14.1f}{args.new_tokens / t['whole']:15.1f}")
-    print(f"same greedy tokens: {same}")
-    ratio = rate["ours"] / rate["transformers"]
-    print(json.dumps({"bench": "generate", "ratio_vs_hf": round(ratio, 2), "tokens_per_s": round(rate["ours"], 1)}))
+    print(f"\n{name}: {preset} {overrides or ''} batch {batch}, prompt {prompt_length} tokens, {new_tokens} new, greedy")
+    if compile_s is not None:
+        print(f"compile time of the decode step: {compile_s:.1f} s (once per shape and process)")
+    print(f"{'':16}{'prefill s':>10}{'whole s':>10}{'decode tok/s':>14}{'vs HF':>8}")
+    rate = {r: batch * (new_tokens - 1) / (t["whole"] - t["prefill"]) for r, t in best.items()}
+    for runner, t in best.items():
+        print(
+            f"{runner:16}{t['prefill']:10.3f}{t['whole']:10.3f}{rate[runner]:14.1f}"
+            f"{rate[runner] / rate['transformers']:8.2f}"
+        )
+    print(f"same greedy tokens on every path: {same}")
+    ours_rate = rate["ours compiled" if compile else "ours eager"]
+    return {
+        "ratio": ours_rate / rate["transformers"],
+        "eager_ratio": rate["ours eager"] / rate["transformers"],
+        "tokens_per_s": ours_rate,
+        "compile_s": compile_s,
+        "same": same,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=TOKENS_PER_IMAGE)
+    parser.add_argument("--prompt-images", type=int, default=None, help="override every case's prompt")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="time the eager path only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, compile used: {args.compile}")
+    results = {
+        case: bench_case(case, args.new_tokens, args.repeats, args.compile, args.prompt_images)
+        for case in args.cases.split(",")
+    }
+    summary = {"bench": "generate", "threads": torch.get_num_threads(), "compile": args.compile}
+    for case, result in results.items():
+        summary[KEYS[case]] = round(result["ratio"], 2)
+    summary["eager_ratio_vs_hf"] = {case: round(r["eager_ratio"], 2) for case, r in results.items()}
+    summary["tokens_per_s"] = round(results[next(iter(results))]["tokens_per_s"], 1)
+    summary["compile_s"] = {case: round(r["compile_s"], 1) for case, r in results.items() if r["compile_s"]}
+    summary["same_tokens"] = all(r["same"] for r in results.values())
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

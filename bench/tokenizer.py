@@ -18,7 +18,7 @@ meaningless). Inputs are the embedded photos (`data.photos`), fitted to 256x256.
 
 Prints progress on stderr, then a table and, as the last line, one JSON object:
 {"bench": "tokenizer", "encode_ratio": .., "decode_ratio": .., "bf16_encode_ratio": ..,
- "bf16_code_agreement": ..}
+ "bf16_decode_ratio": .., "bf16_code_agreement": ..}
 Ratios are taming's best time over ours; the bf16 code agreement is the fraction of codes equal to
 ours in fp32. Exits with status 1 when our fp32 codes differ from taming's.
 """
@@ -162,6 +162,7 @@ def main() -> None:
         "encode_ratio": round(ratio("encode", "ours fp32"), 3),
         "decode_ratio": round(ratio("decode", "ours fp32"), 3),
         "bf16_encode_ratio": round(ratio("encode", "ours bf16"), 3),
+        "bf16_decode_ratio": round(ratio("decode", "ours bf16"), 3),
         "bf16_code_agreement": round(bf16_code_agreement, 4),
     }
     print(json.dumps(result))

@@ -84,6 +84,43 @@ class ProceduralImages(Dataset):
         return to_tensor(y if index // len(TASKS) % 2 else x)[0]
 
 
+class _EpochSamples(Dataset):
+    """Item `epoch * n + i` is sample i of `dataset`, augmented with the torch RNG seeded by (seed, epoch, i):
+    a sample's crop depends on nothing else, so a resumed run sees the crops an unbroken one would."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        epoch, index = divmod(item, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)  # ints hash to themselves: stable
+            return self.dataset[index]
+
+
+class _ResumableSampler(torch.utils.data.Sampler):
+    """A (seed, epoch) permutation of epoch-tagged items (see _EpochSamples), starting `skip` items in
+    once after a restore. Lightning calls set_epoch as each epoch starts."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.resume = n, seed, 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        skip = self.resume["items"] if self.resume and self.resume["epoch"] == self.epoch else 0
+        self.resume = None
+        return iter((self.epoch * self.n + order[skip:]).tolist())
+
+
 class ImageDataModule(L.LightningDataModule):
     """Random crops of the images under `root` (recursive, any PIL-readable format), or of the
     embedded photos when `root` is None, plus a `procedural_fraction` of whole procedural task images.
@@ -101,9 +138,14 @@ class ImageDataModule(L.LightningDataModule):
         val_zooms: int = 4,
         procedural_fraction: float = 0.0,
         val_procedural: int = 12,
+        seed: int = 0,
     ):
+        """Training order and crops are a function of (seed, epoch, sample), and the position in the epoch is
+        saved in checkpoints: a run resumed mid-epoch sees exactly the batches an unbroken run would."""
         super().__init__()
         self.save_hyperparameters()
+        self._position = {"epoch": 0, "batches": 0}  # train batches consumed in this epoch
+        self._resume: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -123,14 +165,33 @@ class ImageDataModule(L.LightningDataModule):
             self.val_set = ConcatDataset([self.val_set, ProceduralImages("heldout", hp.val_procedural, hp.resolution)])
 
     def train_dataloader(self) -> DataLoader:
+        sampler = _ResumableSampler(len(self.train_set), self.hparams.seed)
+        if self._resume is not None:
+            sampler.resume = {"epoch": self._resume["epoch"], "items": self._resume["batches"] * self.hparams.batch_size}
+            self._resume = None
         return DataLoader(
-            self.train_set,
+            _EpochSamples(self.train_set, self.hparams.seed),
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             drop_last=True,
             persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # worker seeds leave the global RNG alone
         )
+
+    def on_before_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:  # count the train batches the loop takes
+            epoch = trainer.current_epoch
+            batches = self._position["batches"] + 1 if self._position["epoch"] == epoch else 1
+            self._position = {"epoch": epoch, "batches": batches}
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self._position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._position, self._resume = dict(state), dict(state)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

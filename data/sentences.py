@@ -24,16 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tokenizer import load_image
+from tokenizer.images import ImageLike, resolve_image
 
 SINGLE, SEQUENCE, ANALOGY, MULTITASK, ANNOTATED_SEQUENCE, CATEGORY = (
     "single", "sequence", "analogy", "multitask", "annotated_sequence", "category",
 )  # fmt: skip
 KINDS = (SINGLE, SEQUENCE, ANALOGY, MULTITASK, ANNOTATED_SEQUENCE, CATEGORY)
 IMAGES_PER_SENTENCE = 16
-
-ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
-
 
 @dataclass
 class Sentence:
@@ -63,15 +60,6 @@ class Sentence:
 
     def resolved(self) -> list[Image.Image]:
         return [resolve_image(image) for image in self.images]
-
-
-def resolve_image(image: ImageLike) -> Image.Image:
-    """PIL images pass through, paths are loaded as RGB, callables are called."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(image)
-    return image()
 
 
 def _apply(transform: Callable, image: ImageLike, args: tuple) -> Image.Image:

@@ -163,6 +163,17 @@ def read_shard(path: str | os.PathLike, stats: ShardStats, codebook_size: int | 
     """Samples of one shard in order. A sample that fails to decode is skipped and counted; a shard
     that is truncated or not a tar ends early and is counted. Both are logged, training goes on."""
     path = Path(path)
+    for key, members in iter_tar_groups(path):
+        if members is None:  # `key` is the error
+            stats.corrupt_shards += 1
+            log.warning("shard %s is truncated or corrupt (%s); skipping the rest of it", path, key)
+            return
+        yield from _finish(key, members, path, stats, codebook_size)
+
+
+def iter_tar_groups(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes] | None]]:
+    """(key, {extension: bytes}) per sample of a webdataset tar, in order (members `key.ext`, the extension
+    being everything after the first dot). A tar that cannot be read to its end yields (error text, None) last."""
     key, members = None, {}
     try:
         with open(path, "rb") as file:
@@ -172,23 +183,24 @@ def read_shard(path: str | os.PathLike, stats: ShardStats, codebook_size: int | 
                         continue
                     member_key, _, extension = info.name.rsplit("/", 1)[-1].partition(".")
                     if member_key != key and key is not None:
-                        yield from _finish(key, members, path, stats, codebook_size)
+                        yield key, members
                         members = {}
                     key = member_key
-                    members[extension] = tar.extractfile(info).read()
-                    if len(members[extension]) != info.size:
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
                         raise EOFError(f"member {info.name} cut short")
+                    members[extension] = data
                 end = tar.offset
-            # tarfile ends quietly at a cut header; a complete archive ends with two zero blocks.
+            # tarfile ends quietly at a cut header; a complete archive ends with two zero blocks
             file.seek(end)
             tail = file.read()
             if len(tail) < 1024 or tail.strip(b"\0"):
                 raise EOFError("no end-of-archive marker")
-        if key is not None:
-            yield from _finish(key, members, path, stats, codebook_size)
     except (tarfile.TarError, EOFError, OSError) as error:
-        stats.corrupt_shards += 1
-        log.warning("shard %s is truncated or corrupt (%s); skipping the rest of it", path, error)
+        yield f"{type(error).__name__}: {error}", None
+        return
+    if key is not None:
+        yield key, members
 
 
 def _finish(key, members, path, stats, codebook_size) -> Iterator[TokenSample]:

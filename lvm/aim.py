@@ -33,14 +33,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lvm import attention
 from lvm.checkpoints import check_state_dict, read_state_dict, save_pretrained_dir
-from lvm.config import ATTN_BACKENDS, LVMConfig
+from lvm.config import ATTN_BACKENDS, LVMConfig, NamedConfig
 from lvm.model import Block, RMSNorm, SwiGLU
 
 CHANNELS = 3
 
 
 @dataclass
-class AIMConfig:
+class AIMConfig(NamedConfig):
     """Shapes of an AIM. `intermediate_size=None` is round(8/3 hidden): SwiGLU's three matrices then hold
     as many weights as ml-aim's GELU MLP of ratio 4 (rounding up to a multiple would break that)."""
 
@@ -56,7 +56,6 @@ class AIMConfig:
     norm_eps: float = 1e-6  # ml-aim's LayerNorm eps
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | xformers | sdpa | flex | eager, see lvm/attention.py
-    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -90,7 +89,6 @@ class AIMConfig:
             name=self.name, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_layers=self.num_layers, num_heads=self.num_heads, rms_norm_eps=self.norm_eps,
             init_std=self.init_std, attn_backend=self.attn_backend,
-            activation_checkpointing=self.activation_checkpointing,
         )  # fmt: skip
 
     def head_config(self) -> LVMConfig:
@@ -99,15 +97,6 @@ class AIMConfig:
             self.trunk_config(), hidden_size=self.head_width, intermediate_size=round(8 * self.head_width / 3),
             num_heads=1, num_kv_heads=1,
         )
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> AIMConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown AIM preset {name!r}; valid names: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, AIMConfig] = {
@@ -126,6 +115,7 @@ PRESETS: dict[str, AIMConfig] = {
                   head_blocks=1, head_width=32),  # fmt: skip
     )
 }
+AIMConfig.presets = PRESETS
 
 
 # -- pixels and positions -------------------------------------------------------------------------------
@@ -162,6 +152,7 @@ class AIM(nn.Module):
     def __init__(self, config: AIMConfig):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # a training switch, as LVM.activation_checkpointing
         trunk, head = config.trunk_config(), config.head_config()
         self.patch_embed = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
         self.patch_norm = RMSNorm(config.hidden_size, config.norm_eps)  # ml-aim's PatchEmbed norm_layer
@@ -198,7 +189,7 @@ class AIM(nn.Module):
         attend = attention.build(self.config.attn_backend, None, x.shape[1], x.device, prefix_len=prefix_len)
         outputs = []
         for block in self.layers:
-            if self.config.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, None, None, attend, use_reentrant=False)
             else:
                 x = block(x, None, None, attend)  # no rotary: positions are in x
@@ -273,7 +264,7 @@ class AIM(nn.Module):
         directory = Path(directory)
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"{directory} has no config.json: not a directory AIM.save_pretrained wrote")
-        model = cls(AIMConfig(**{**json.loads((directory / "config.json").read_text()), **overrides}))
+        model = cls(AIMConfig.from_dict({**json.loads((directory / "config.json").read_text()), **overrides}))
         state = read_state_dict(directory)
         check_state_dict(model.state_dict(), state, str(directory), hint="was it saved with other AIMConfig fields?")
         model.load_state_dict(state)

@@ -29,17 +29,20 @@ class AIMModule(PretrainingModule):
         decay_steps: int | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.05,
+        activation_checkpointing: bool = False,
         compile: bool = False,
         peak_flops_per_device: float = 989e12,
         export_dir: str | None = None,
     ):
         """`model`: an AIM preset (lvm.aim.AIMConfig.from_name) with `model_overrides` applied; `init_from`
         starts from a saved AIM instead. The defaults are the AIM paper's recipe (AdamW (0.9, 0.95), peak
-        lr 1e-3 cosine to 0, weight decay 0.05). `export_dir` receives AIM.save_pretrained at the end of fit."""
+        lr 1e-3 cosine to 0, weight decay 0.05). `export_dir` receives AIM.save_pretrained at the end of fit.
+        `activation_checkpointing` and `compile` are training switches, as in LVMModule."""
         super().__init__()
         self.save_hyperparameters()
         overrides = model_overrides or {}
         self.model = AIM.from_pretrained(init_from, **overrides) if init_from else AIM(AIMConfig.from_name(model, **overrides))
+        self.model.activation_checkpointing = activation_checkpointing
         self.val_loss = MeanMetric()
 
     def batch_tokens(self, images: torch.Tensor) -> tuple[int, int]:

@@ -219,22 +219,33 @@ def _flex_kernel(mask_mod, batch: int | None, length: int, device: torch.device)
 
 # -- KV cache (generation) -----------------------------------------------------------------------------
 class KVCache:
-    """Keys and values of every layer for generation, preallocated for the whole run:
-    k, v [layers, B, Hkv, S, D]. A step copies its tokens' keys and values in place into slots
-    start..stop-1 and attends over slots 0..stop-1 (a view): nothing is reallocated as the text grows.
+    """Keys and values of every layer for generation, preallocated for the whole run: one pair of
+    buffers per layer, k[i], v[i] [B, Hkv, S, D]. A step writes its tokens' keys and values in place
+    into their slots; nothing is reallocated as the text grows. (One buffer per layer, not one 5-D
+    tensor: a compiled decode step updating a slice of one big buffer ran 3x slower.)
 
     Rows are left-padded: row b's first `pad[b]` slots are padding, never attended to, and its first
     real token has position 0, so a row generates exactly what its prompt would generate alone.
-    Every backend attends through sdpa here (eager through its own): the masks of the training
-    backends are built for square, full-sequence attention.
+    Two ways to attend, both through sdpa (the training backends' masks are built for square,
+    full-sequence attention; the eager backend keeps its own kernel in `attends`):
+        attends(start, stop)   eager steps: write slots start..stop-1, attend over slots 0..stop-1
+        static_attends(slot)   compiled decode steps: one token at the slot given as a tensor, attends
+                               over all S slots under a mask, so every step has the same shapes
     """
 
     def __init__(self, layers: int, pad: torch.Tensor, length: int, kv_heads: int, head_dim: int, dtype):
-        self.pad = pad  # long [B]
+        self.length = length
+        shape = (pad.shape[0], kv_heads, length, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=pad.device) for _ in range(layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.pad = torch.zeros_like(pad)
+        self.reset(pad)
+
+    def reset(self, pad: torch.Tensor) -> None:
+        """Reuse the buffers for new prompts padded by pad long [B]. Old keys and values stay in the
+        buffers but are never attended to: every slot is written before a query can see it."""
+        self.pad.copy_(pad)  # in place: a compiled step holding this tensor sees the new padding
         self.padded = bool(pad.any())
-        shape = (layers, pad.shape[0], kv_heads, length, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=pad.device)
-        self.v = torch.zeros_like(self.k)
 
     def positions(self, start: int, stop: int) -> torch.Tensor:
         """long [B, L] rotary positions of the tokens at slots start..stop-1 (padding gets 0)."""
@@ -262,8 +273,22 @@ class KVCache:
             kernel = functools.partial(F.scaled_dot_product_attention, attn_mask=self.mask(start, stop), enable_gqa=True)
 
         def attend(q, k, v, layer):
-            self.k[layer, :, :, start:stop] = k
-            self.v[layer, :, :, start:stop] = v
-            return kernel(q, self.k[layer, :, :, :stop], self.v[layer, :, :, :stop])
+            self.k[layer][:, :, start:stop] = k
+            self.v[layer][:, :, start:stop] = v
+            return kernel(q, self.k[layer][:, :, :stop], self.v[layer][:, :, :stop])
 
-        return [functools.partial(attend, layer=i) for i in range(self.k.shape[0])]
+        return [functools.partial(attend, layer=i) for i in range(len(self.k))]
+
+    def static_attends(self, slot: torch.Tensor) -> list[Attend]:
+        """One attend per layer for a single token at slot long [1]: it stores k, v [B, Hkv, 1, D]
+        there by index (an in-place index_put, which inductor keeps in place) and attends over every
+        slot, masked to the row's real tokens up to `slot`. Shapes never change with the step."""
+        keys = torch.arange(self.length, device=self.pad.device)
+        mask = ((keys <= slot) & (keys >= self.pad[:, None]))[:, None, None]  # [B, 1, 1, S]
+
+        def attend(q, k, v, layer):
+            self.k[layer][:, :, slot] = k
+            self.v[layer][:, :, slot] = v
+            return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=mask, enable_gqa=True)
+
+        return [functools.partial(attend, layer=i) for i in range(len(self.k))]

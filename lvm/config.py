@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 ATTN_BACKENDS = ("auto", "xformers", "sdpa", "flex", "eager")
+C = TypeVar("C", bound="NamedConfig")
+
+
+class NamedConfig:
+    """Named presets and dict round trips for the config dataclasses of every package (LVMConfig,
+    VQGANConfig, AIMConfig, VLMConfig). A subclass registers its table once built: `Cls.presets = {...}`."""
+
+    presets: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_name(cls: type[C], name: str, **overrides) -> C:
+        if name not in cls.presets:
+            kind = cls.__name__.removesuffix("Config")
+            raise ValueError(f"unknown {kind} preset {name!r}; valid names: {', '.join(cls.presets)}")
+        return dataclasses.replace(cls.presets[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict) -> C:
+        """The config from its fields (a config.json's; its "model_type" key, if any, is not a field)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k != "model_type"}
+        if unknown := set(values) - known:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass
-class LVMConfig:
+class LVMConfig(NamedConfig):
     """A LLaMA-style decoder: RMSNorm, RoPE, SwiGLU, no biases, untied embeddings.
 
     Token ids: 0..codebook_size-1 are image codes, then the specials (BOS, EOS, ..) up to vocab_size.
@@ -29,7 +57,6 @@ class LVMConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     attn_backend: str = "auto"  # auto | xformers | sdpa | flex | eager, see lvm/attention.py
-    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -60,23 +87,6 @@ class LVMConfig:
     def eos_id(self) -> int:
         return self.codebook_size + 1
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> LVMConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown LVM preset {name!r}; valid names: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LVMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown LVMConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**values)
-
 
 def _preset(name: str, hidden: int, intermediate: int, layers: int, heads: int, **rest) -> LVMConfig:
     return LVMConfig(
@@ -100,3 +110,4 @@ PRESETS: dict[str, LVMConfig] = {
         _preset("vqlm_tiny", 64, 176, 2, 4, num_kv_heads=2, max_position_embeddings=512),
     )
 }
+LVMConfig.presets = PRESETS

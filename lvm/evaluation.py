@@ -27,8 +27,9 @@ from tqdm import tqdm
 from data.procedural import procedural_analogy, procedural_seeds
 from data.sentences import Sentence
 from lvm.figures import AnalogyExample
-from lvm.prompting import ImageLike, InContextPrompter, check_analogy_count
+from lvm.prompting import InContextPrompter, check_analogy_count
 from tokenizer import to_pil, to_tensor
+from tokenizer.images import ImageLike, psnr
 
 METHODS = ("model", "copy_query", "no_context")
 GENERATED = ("model", "no_context")  # the methods that run the model (and so have a perplexity)
@@ -54,17 +55,28 @@ def perplexity(prompter: InContextPrompter, prompt: Sequence[ImageLike], targets
     return math.exp(target_nll(prompter.model, prompt_ids, target_ids).mean().item())
 
 
-def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """float [B] PSNR in dB of images in [0, 1] against references (capped at 100 dB for exact matches)."""
-    mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
 def heldout_analogies(tasks: Iterable[str], per_task: int, n_shots: int, size: int) -> list[Sentence]:
     """`per_task` held-out procedural analogies of each task (never in training shards), answers known."""
     return [
         procedural_analogy(task, seed, n_shots, size) for task in tasks for seed in procedural_seeds("heldout", per_task)
     ]
+
+
+def most_likely(prompter: InContextPrompter, contexts: Sequence[torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+    """candidates long [B, N, tokens_per_image], N drawn answers per context -> long [B, tokens_per_image]:
+    for each context the candidate with the lowest mean NLL given it (sample several, keep the likeliest)."""
+    picks = []
+    for context, drawn in zip(contexts, candidates, strict=True):
+        prompt = prompter.prompt_ids(context)
+        nll = torch.stack([target_nll(prompter.model, prompt, answer).mean() for answer in drawn])
+        picks.append(drawn[nll.argmin()])
+    return torch.stack(picks)
+
+
+def _answers(prompter: InContextPrompter, contexts, num_candidates: int, **sampling) -> torch.Tensor:
+    """One generated answer per context, long [B, tokens_per_image]: the likeliest of `num_candidates`."""
+    drawn = prompter.complete(contexts, num_candidates=num_candidates, **sampling)[:, :, 0]
+    return drawn[:, 0] if num_candidates == 1 else most_likely(prompter, contexts, drawn)
 
 
 class _Tally:
@@ -114,9 +126,12 @@ def score_analogies(
     temperature: float = 0.0,
     keep_examples: int = 4,
     progress: bool = False,
+    num_candidates: int = 1,
     **sampling,
 ) -> tuple[dict, dict[str, list[AnalogyExample]]]:
     """Score free-running answers to analogy sentences `[x1, y1, ..., xq, yq]` (yq: the known answer).
+    With `num_candidates` > 1 (and temperature > 0) each generating method draws that many answers and
+    keeps the one the model finds most likely (`most_likely`).
 
     Returns (scores, examples). scores: {"count", "token_accuracy", "changed_token_accuracy", "psnr",
     "perplexity", "changed_fraction", "per_task": {task: the same}}; each metric is a dict over METHODS
@@ -144,14 +159,15 @@ def score_analogies(
         options = dict(sampling, temperature=temperature)
         if options.get("seed") is not None:
             options["seed"] += start
+        no_context = [c[-1:] for c in contexts]
         preds = {
-            "model": prompter.complete(contexts, **options)[:, 0, 0],
+            "model": _answers(prompter, contexts, num_candidates, **options),
             "copy_query": queries,
-            "no_context": prompter.complete([c[-1:] for c in contexts], **options)[:, 0, 0],
+            "no_context": _answers(prompter, no_context, num_candidates, **options),
         }
         decoded = dict(zip(preds, prompter.decode(torch.stack(list(preds.values()))), strict=True))
         scores = {m: psnr(images, answers.to(images.device)).tolist() for m, images in decoded.items()}
-        context_of = {"model": contexts, "no_context": [c[-1:] for c in contexts]}
+        context_of = {"model": contexts, "no_context": no_context}
         for i, sentence in enumerate(batch):
             tallies = (overall, per_task[sentence.task])
             for tally in tallies:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -102,6 +104,7 @@ class FaultTolerance(L.Callback):
         self._received: int | None = None  # the signal waiting for the step boundary
         self._previous: dict[int, object] = {}
         self._batch: tuple[int, int] = (0, 0)  # (epoch, batch index) of the batch being trained
+        self._rng: dict | None = None  # RNG states from a checkpoint, until the first step restores them
 
     # -- bad places --------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -130,6 +133,12 @@ class FaultTolerance(L.Callback):
         return numbers
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run starts from a checkpoint of this very step. ModelCheckpoint does not know that and
+        # with gradient accumulation would save again after the first micro-batch: a checkpoint whose data
+        # position counts a micro-batch whose gradient it does not hold (resuming from it loses that batch).
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and trainer.global_step > 0:
+                cb._last_global_step_saved = trainer.global_step
         # Replaces Lightning's handlers (registered as fit starts): its SIGTERM handler stops validation and
         # exits without saving, its SLURM SIGUSR1 handler saves from inside the handler, mid-step.
         launcher = trainer.strategy.launcher
@@ -151,6 +160,8 @@ class FaultTolerance(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._batch = (trainer.current_epoch, batch_idx)
+        if self._rng is not None:
+            self._restore_rng()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         pl_module.log("train/skipped_steps", float(self.skipped))
@@ -206,8 +217,26 @@ class FaultTolerance(L.Callback):
                 "learning rate or check that batch's data, then resume with --ckpt_path last"
             )
 
+    # -- state kept in checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
+        # The global RNGs as they are after the step being saved (e.g. the VQGAN's dead-code restarts draw
+        # from torch's): restored as the first step of a resumed run begins, after everything set-up drew.
+        kind, keys, *rest = np.random.get_state()  # its key array as a tensor: weights_only loads take no ndarrays
+        rng = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+               "python": random.getstate()}  # fmt: skip
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"skipped": self.skipped, "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state["skipped"])
+        self._rng = state.get("rng")
+
+    def _restore_rng(self) -> None:
+        rng, self._rng = self._rng, None
+        torch.set_rng_state(rng["torch"])
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

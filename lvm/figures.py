@@ -140,3 +140,26 @@ def summary_figure(
         y += grid.height
     canvas.paste(table_image, (width - table_image.width, 0))
     return canvas
+
+
+def reconstruction_figure(sets: Mapping[str, tuple[Sequence[Image.Image], Sequence[Image.Image]]]) -> Image.Image:
+    """For each named set, its originals over their tokenizer reconstructions, upscaled (nearest), the
+    set's name (and "original" / "decoded") on the left."""
+    first = next(iter(sets.values()))[0][0]
+    side, text = display_side(first.height), font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = int(max(probe.textlength(f"{name}  decoded", font=text) for name in sets)) + SECTION_GAP
+    columns = max(len(originals) for originals, _ in sets.values())
+    width = 2 * MARGIN + label_width + columns * (side + GAP)
+    height = 2 * MARGIN + len(sets) * (2 * (side + GAP) + SECTION_GAP)
+    canvas = Image.new("RGB", (width, height), PAPER)
+    draw = ImageDraw.Draw(canvas)
+    y = MARGIN
+    for name, pair in sets.items():
+        for label, images in zip((f"{name}  original", "decoded"), pair, strict=True):
+            draw.text((MARGIN, y + side // 2 - text.size // 2), label, fill=INK, font=text)
+            for i, image in enumerate(images):
+                canvas.paste(image.resize((side, side), Image.NEAREST), (MARGIN + label_width + i * (side + GAP), y))
+            y += side + GAP
+        y += SECTION_GAP
+    return canvas

@@ -135,7 +135,8 @@ def load_lightning_checkpoint(path: str | os.PathLike, config: LVMConfig | None 
 def config_from_hparams(hparams: dict) -> LVMConfig | None:
     """LVMModule's hyper-parameters (`model` preset name + `model_overrides`, or `init_from` an HF
     directory), or a `config` entry holding an LVMConfig or its fields; None when there is neither."""
-    overrides = hparams.get("model_overrides") or {}
+    # Older checkpoints kept the training switch activation_checkpointing among the model overrides.
+    overrides = {k: v for k, v in (hparams.get("model_overrides") or {}).items() if k != "activation_checkpointing"}
     if hparams.get("init_from"):
         hf = json.loads((Path(hparams["init_from"]) / "config.json").read_text())
         return config_from_hf(hf, **overrides)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lvm import attention, generation
 from lvm.config import LVMConfig
+from lvm.fused import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -140,6 +141,9 @@ class LVM(nn.Module):
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        # A training switch, not part of the config: recompute each block in backward (less memory,
+        # ~1/3 more compute, same numbers). LVMModule(activation_checkpointing=True) sets it.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -160,6 +164,23 @@ class LVM(nn.Module):
         and position_ids restarting at each document; without them: one causal sequence, positions 0..L-1.
         """
         return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, inputs_embeds))
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy = F.cross_entropy(forward(..)[:, :-1].float(), targets), without
+        the logits [B, L-1, vocab] in memory (lvm.fused.linear_cross_entropy). targets long [B, L-1]:
+        the target of positions 0..L-2, ignore_index where there is none."""
+        batch, length = input_ids.shape
+        if targets.shape != (batch, length - 1):
+            raise ValueError(f"targets must be [B, L-1] = {(batch, length - 1)}, got {tuple(targets.shape)}")
+        hidden = self.hidden_states(input_ids, position_ids, document_ids)[:, :-1].flatten(0, 1)  # [B * (L-1), C]
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets.flatten(), ignore_index)
 
     def hidden_states(
         self,
@@ -196,11 +217,19 @@ class LVM(nn.Module):
         """Embeddings x [B, L, C] -> the final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""
         cos, sin = self.rotary(position_ids)
         for layer, attend in zip(self.model.layers, attends, strict=True):
-            if self.config.activation_checkpointing and self.training:
+            if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attend)
         return self.model.norm(x)
+
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block in place (regional compilation, as torchtitan does): the
+        blocks share one compiled graph, so compiling costs one block's time whatever the depth, and
+        forward, loss and generation all run the compiled blocks. Parameter names stay the plain
+        model's, so checkpoints do not change."""
+        for layer in self.model.layers:
+            layer.compile()
 
     # -- generation: prefill + KV-cache decoding, see lvm/generation.py ------------------------------------
     generate = generation.generate  # model.generate(prompt_ids, max_new_tokens=256, temperature=1.0, ...)

@@ -11,6 +11,8 @@ The teacher is loaded from `teacher_path` and never written into checkpoints.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -45,19 +47,30 @@ class LVMModule(PretrainingModule):
         teacher_path: str | None = None,
         distill_temperature: float = 1.0,
         distill_weight: float = 1.0,
+        activation_checkpointing: bool = False,
         compile: bool = False,
         peak_flops_per_device: float = 989e12,
         export_dir: str | None = None,
     ):
         """`model`: a preset name (lvm.LVMConfig.from_name) with `model_overrides` applied (e.g.
-        activation_checkpointing, attn_backend); `init_from` starts from a saved LVM instead.
+        attn_backend, num_layers); `init_from` starts from a saved LVM instead.
+        `activation_checkpointing` (recompute each block in backward) and `compile` (torch.compile) are
+        training switches: they trade memory and speed, the model and its checkpoints stay the same.
         `decay_steps`: where the cosine reaches `min_learning_rate` (default: trainer.max_steps).
         `peak_flops_per_device`: the accelerator's peak FLOP/s for MFU (989e12: H100 SXM dense bf16).
         `export_dir` receives model.save_pretrained (HF Llama layout) at the end of fit."""
         super().__init__()
         self.save_hyperparameters()
-        overrides = model_overrides or {}
+        overrides = dict(model_overrides or {})
+        if "activation_checkpointing" in overrides:  # where configs kept it before it became a training switch
+            warnings.warn(
+                "model_overrides.activation_checkpointing moved to model.activation_checkpointing",
+                FutureWarning,
+                stacklevel=2,
+            )
+            activation_checkpointing = overrides.pop("activation_checkpointing")
         self.model = LVM.from_pretrained(init_from, **overrides) if init_from else LVM(LVMConfig.from_name(model, **overrides))
+        self.model.activation_checkpointing = activation_checkpointing
         self.teacher = None
         if teacher_path:
             self.teacher = LVM.from_pretrained(teacher_path).eval().requires_grad_(False)
@@ -77,7 +90,7 @@ class LVMModule(PretrainingModule):
         if data is not None and hasattr(data, "tokenizer_info"):  # a TokenDataModule
             self.check_data(data.tokenizer_info["codebook_size"], data.seq_len)
         if self.hparams.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+            self.model.compile_blocks()
 
     def check_data(self, codebook_size: int, seq_len: int) -> None:
         """Raise if the token data does not fit this model: other image codes, or rows beyond its positions."""
@@ -112,10 +125,13 @@ class LVMModule(PretrainingModule):
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """{"loss", "ce", and with a teacher "kl"}: means over the predictable target tokens."""
         targets = next_token_targets(batch["labels"], batch["document_ids"])
+        if self.teacher is None:  # the fused loss: no [B, L, vocab] logits in memory
+            ce = self.model.loss(
+                batch["input_ids"], targets, batch["position_ids"], batch["document_ids"], ignore_index=IGNORE_INDEX
+            )
+            return {"loss": ce, "ce": ce}
         logits = self(batch)[:, :-1].float()  # fp32 softmax: bf16 log-probs are too coarse for the loss
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if self.teacher is None:
-            return {"loss": ce, "ce": ce}
         with torch.no_grad():
             teacher_logits = self.teacher(
                 batch["input_ids"], position_ids=batch["position_ids"], document_ids=batch["document_ids"]

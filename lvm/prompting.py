@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,33 +28,19 @@ from PIL import Image
 
 from lvm.checkpoints import atomic_path
 from lvm.model import LVM
-from tokenizer import VQGAN, fit_to_resolution, load_image, to_pil, to_tensor
+from tokenizer import VQGAN, fit_to_resolution, to_pil, to_tensor
+from tokenizer.images import ImageLike, resolve_image
 
-ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
 CONTEXT_FRAMES = 15  # LVM's sequence prompting: 15 frames of context + 1 generated = 16 images = 4096 tokens
 MODES = ("analogy", "sequence")
 
 
-def _read_image_file(path: str | os.PathLike, what: str, header_only: bool = False) -> Image.Image | None:
-    """Load an image file (or only check its header); a missing or non-image file raises ValueError naming it."""
+def _check_image_file(path: str | os.PathLike, what: str) -> None:
+    """Read only the header; a missing or non-image file raises ValueError naming it."""
     try:
-        if header_only:
-            Image.open(path).close()
-            return None
-        return load_image(path)
+        Image.open(path).close()
     except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some corrupt headers
         raise ValueError(f"{what} {os.fspath(path)!r} is not a readable image: {error}") from error
-
-
-def load_prompt_image(image: ImageLike, what: str = "prompt image") -> Image.Image:
-    """A PIL image, an image file, or a zero-argument callable (data.sentences' lazy images) -> PIL RGB."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return _read_image_file(image, what)
-    if callable(image):
-        return image()
-    raise TypeError(f"{what} must be a PIL image, a path or a callable; got {type(image).__name__}")
 
 
 def check_analogy_count(count: int) -> None:
@@ -147,7 +133,7 @@ class InContextPrompter:
     # -- images <-> tokens ------------------------------------------------------------------------------
     def fit_images(self, images: Sequence[ImageLike], what: str = "prompt image") -> list[Image.Image]:
         """Load and fit images to the tokenizer resolution (square center crop), as training data is."""
-        return [fit_to_resolution(load_prompt_image(im, what), self.resolution) for im in images]
+        return [fit_to_resolution(resolve_image(im, what), self.resolution) for im in images]
 
     def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images (any size) -> long [n, tokens_per_image] on the model's device."""
@@ -276,9 +262,9 @@ class PromptJob:
         elif not self.images:
             raise ValueError("sequence continuation needs at least one frame")
         for path in self.images:
-            _read_image_file(path, "prompt image", header_only=True)
+            _check_image_file(path, "prompt image")
         for path in self.truth:
-            _read_image_file(path, "ground-truth image", header_only=True)
+            _check_image_file(path, "ground-truth image")
 
     def run(self, prompter: InContextPrompter, num_candidates: int = 1, **sampling) -> PromptResult:
         if self.mode == "analogy":

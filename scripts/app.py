@@ -32,11 +32,11 @@ from lvm.prompting import (
     InContextPrompter,
     PromptResult,
     check_analogy_count,
-    load_prompt_image,
     save_png,
 )
 from scripts.app_chat import Chat, chat_tab
 from tokenizer import VQGAN
+from tokenizer.images import resolve_image
 
 DEMO_LVM, DEMO_TOKENIZER = "runs/demo/lvm/export", "runs/demo/tokenizer/export"  # where `make demo` exports
 MODEL_CALLS = "model"  # the one concurrency group every generation shares
@@ -80,7 +80,7 @@ def read_uploads(files: list[str] | None, what: str) -> list[Image.Image]:
     images = []
     for path in sorted(files, key=natural_key):
         try:
-            images.append(load_prompt_image(path, what))
+            images.append(resolve_image(path, what))
         except ValueError:
             raise ValueError(
                 f"{Path(path).name!r} is not an image file (PNG, JPEG, ...): remove it"
@@ -104,13 +104,10 @@ class App:
         self.chat = chat  # the VLM chat tab's model, when --vlm is given
         self.workdir = workdir
         self.sources = sources  # what was loaded from where, for the info tab
-        self.count = 0
 
     def _new_dir(self, kind: str) -> Path:
-        self.count += 1
-        directory = self.workdir / f"{kind}{self.count:05d}"
-        directory.mkdir(parents=True)
-        return directory
+        """A fresh folder per request (handlers outside the model queue run in parallel threads)."""
+        return Path(tempfile.mkdtemp(prefix=kind, dir=self.workdir))
 
     def _save(self, images: list[Image.Image], kind: str, names: list[str]) -> list[str]:
         directory = self._new_dir(kind)
@@ -161,7 +158,7 @@ class App:
         )  # + the query's pair
         names = [f"{i:02d}_{'x' if i % 2 == 0 else 'y'}{i // 2 + 1}" for i in range(len(sentence.prompt) - 1)]
         paths = self._save(
-            [load_prompt_image(im) for im in sentence.images], "preset", [*names, "query", "truth"]
+            [resolve_image(im) for im in sentence.images], "preset", [*names, "query", "truth"]
         )
         return paths[:-1], paths[-1]
 

@@ -126,7 +126,7 @@ class Chat:
     # -- the page -------------------------------------------------------------------------------------
     def respond(self, message: dict, messages: list, turns: list, images: list, max_new_tokens, temperature):
         """Gradio handler: streams (textbox, chat messages, turns, images) as the answer grows."""
-        from lvm.prompting import load_prompt_image
+        from tokenizer.images import resolve_image
 
         text, files = (message or {}).get("text", "").strip(), (message or {}).get("files", [])
         if not text and not files:
@@ -134,7 +134,7 @@ class Chat:
                 "type a question (and attach images if you like)", duration=10, print_exception=False
             )
         try:
-            new_images = [load_prompt_image(path, "attached file") for path in files]
+            new_images = [resolve_image(path, "attached file") for path in files]
         except ValueError:
             raise gr.Error(
                 "an attached file is not an image (PNG, JPEG, ...)", duration=30, print_exception=False

@@ -8,6 +8,8 @@
 4. analogies: free-running answers to held-out analogy prompts against two baselines (copy the query;
    the same model without the example pairs): token accuracy, changed-token accuracy, PSNR; a
    labelled grid per task
+5. vlm: a small VLM (ViT + connector + the LVM transformer with a BPE vocabulary) trained align -> SFT on
+   procedural scenes, scored on held-out scenes against a blank image and the majority answer (vlm/demo.py)
 
 Each stage is one function that takes the output directory (and what earlier stages made) and returns
 its metrics; `main` runs them in order, then `report` writes <out>/metrics.json (one entry per stage),
@@ -25,8 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 
 from data.photos import embedded_photos
 from data.shards import write_manifest
@@ -34,11 +34,13 @@ from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM
 from lvm.checkpoints import atomic_path
-from lvm.evaluation import heldout_analogies, metrics_table, psnr, score_analogies
-from lvm.figures import display_side, save_task_grids, summary_figure
+from lvm.evaluation import heldout_analogies, metrics_table, score_analogies
+from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
 from scripts.demo_aim import aim_stage, print_aim
-from tokenizer import VQGAN, to_tensor
+from tokenizer import VQGAN, to_pil, to_tensor
+from tokenizer.images import psnr
+from vlm import demo as vlm_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -95,18 +97,16 @@ def tokenizer_stage(out: Path, settings: dict) -> tuple[VQGAN, dict]:
     """Train the tokenizer; score it on held-out photos and, per task, on held-out procedural images."""
     vq = VQGAN.from_pretrained(train_with_cli("configs/tokenizer/demo.yaml", out / "tokenizer", settings["tokenizer_args"]))
     size = vq.config.resolution
-    photos = to_tensor(embedded_photos("val"), size)
-    metrics = {"psnr_photos": None, "psnr_procedural": {}}
-    metrics["psnr_photos"], photo_recon = reconstruction_psnr(vq, photos)
-    shown = [photos[:8], photo_recon[:8]]
-    for sentence in heldout_analogies(TASKS, 1, PAIRS_PER_SENTENCE, size):
-        images = to_tensor(sentence.images, size)  # every x and y of a held-out sentence
-        metrics["psnr_procedural"][sentence.task], recon = reconstruction_psnr(vq, images)
-        shown += [images, recon]
-    # rows: originals then reconstructions, photos first, then each task; nearest upscale keeps pixels visible
-    rows = [F.interpolate(row, scale_factor=display_side(size) // size, mode="nearest") for row in shown]
-    torchvision.utils.save_image(torch.cat(rows), out / "tokenizer_reconstructions.png", nrow=8, pad_value=1.0)
-    return vq, metrics
+    sets = {"photos": to_tensor(embedded_photos("val"), size)}
+    for task in TASKS:  # both sides of every pair of 4 held-out sentences: 32 images per task
+        sentences = heldout_analogies([task], 4, PAIRS_PER_SENTENCE, size)
+        sets[task] = to_tensor([image for sentence in sentences for image in sentence.images], size)
+    psnrs, shown = {}, {}
+    for name, images in sets.items():
+        psnrs[name], recon = reconstruction_psnr(vq, images)
+        shown[f"{name} {psnrs[name]:.1f} dB"] = (to_pil(images[:8]), to_pil(recon[:8]))  # one sentence shown
+    save_png(reconstruction_figure(shown), out / "tokenizer_reconstructions.png")
+    return vq, {"psnr_photos": psnrs.pop("photos"), "psnr_procedural": psnrs}
 
 
 def shards_stage(out: Path, vq: VQGAN, settings: dict) -> tuple[Path, Path, dict]:
@@ -157,6 +157,9 @@ def report(out: Path, metrics: dict, examples: dict) -> list[Path]:
     print(f"shards: {metrics['shards']}")
     print("\nheld-out analogies (changed acc: accuracy on the tokens the answer changes; PSNR of the decoded answer)")
     print("\n".join(table))
+    if "vlm" in metrics:
+        print("\n" + "\n".join(vlm_demo.table_lines(metrics["vlm"])))
+        pictures.append(out / "vlm" / "qa_grid.png")
     print("\npictures:\n" + "\n".join(f"  {path}" for path in pictures) + f"\nmetrics: {out / 'metrics.json'}")
     return pictures
 
@@ -171,19 +174,21 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
 
-    print("== 1/4 tokenizer", flush=True)
+    print("== 1/6 tokenizer", flush=True)
     vq, metrics["tokenizer"] = tokenizer_stage(out, settings)
-    print("== 2/4 shards", flush=True)
+    print("== 2/6 shards", flush=True)
     train_dir, val_dir, metrics["shards"] = shards_stage(out, vq, settings)
-    print("== 3/4 lvm", flush=True)
+    print("== 3/6 lvm", flush=True)
     model = lvm_stage(out, train_dir, val_dir, settings)
-    print("== 4/4 held-out analogies", flush=True)
+    print("== 4/6 held-out analogies", flush=True)
     metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
-    print("== aim: train aim_demo, probe it beside the LVM", flush=True)
+    print("== 5/6 aim: train aim_demo, probe it beside the LVM", flush=True)
     metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
-
-    report(out, metrics, examples)
+    print("== 6/6 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
+    metrics["vlm"] = vlm_demo.run(out, train_with_cli, smoke=args.smoke)
     print_aim(metrics["aim"])
+
+    report(out, metrics, examples)  # last: the console ends with the tables and the pictures' paths
     return metrics
 
 

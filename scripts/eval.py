@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict | float:
     ana.add_argument("--n-shots", type=int, default=3, help="pairs per sentence, the last one the query")
     ana.add_argument("--batch-size", type=int, default=8)
     ana.add_argument("--grid-rows", type=int, default=4, help="held-out prompts shown per task grid")
+    ana.add_argument("--candidates", type=int, default=1, help="answers drawn per prompt; the likeliest is kept")
     ana.add_argument("--out", required=True, help="directory for metrics.json and grids/")
     args = parser.parse_args(argv)
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict | float:
         out.mkdir(parents=True, exist_ok=True)
         scores, examples = score_analogies(
             prompter, sentences, args.batch_size, keep_examples=args.grid_rows, progress=True,
-            **sampling_from_args(args),
+            num_candidates=args.candidates, **sampling_from_args(args),
         )  # fmt: skip
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -21,11 +21,14 @@ from PIL import Image
 from data.procedural import moving_shapes, procedural_seeds
 from lvm import LVM, LVMConfig
 from lvm.evaluation import heldout_analogies
-from lvm.prompting import InContextPrompter, load_prompt_image
+from lvm.prompting import InContextPrompter
 from scripts.app_chat import Chat
 from tokenizer import VQGAN
+from tokenizer.images import resolve_image
 from vlm import VLM, VLMConfig
 from vlm.text import train_default_tokenizer
+
+pytestmark = pytest.mark.slow  # a live Gradio server and browser sessions
 
 pytest.importorskip("gradio", reason="the app needs the `app` extra: pip install -e '.[app]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the `app` extra")
@@ -64,7 +67,7 @@ def files(tmp_path_factory):
     sentence = heldout_analogies(["recolor"], 1, 3, 16)[0]  # 2 example pairs + the query
     prompt = []
     for i, image in enumerate(sentence.prompt):
-        load_prompt_image(image).save(root / f"{i}.png")
+        resolve_image(image).save(root / f"{i}.png")
         prompt.append(root / f"{i}.png")
     (root / "bad.png").write_text("not an image")
     Image.new("RGB", (40, 30), "red").save(root / "red.png")
@@ -81,25 +84,13 @@ def save_tiny_vlm(directory: Path) -> None:
     ]
     tokenizer = train_default_tokenizer(directory, texts=texts * 4, vocab_size=300)
     encoder = dict(
-        model_type="clip_vision_model",
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-    )
+        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4,
+    )  # fmt: skip
     llm = dict(
-        name="text",
-        vocab_size=len(tokenizer),
-        codebook_size=0,
-        hidden_size=48,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=512,
-    )
+        name="text", vocab_size=len(tokenizer), codebook_size=0, hidden_size=48, intermediate_size=96,
+        num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
     config = VLMConfig(
         encoder={"kind": "hf", "config": encoder}, llm={"kind": "lvm", "config": llm},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), eos_token_id=tokenizer.eos_token_id,

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import write_synthetic
 
 from data.procedural import procedural_analogy
 from data.shards import (
     ShardStats,
     TokenRangeError,
-    TokenSample,
     claim_dataset_info,
     list_shards,
     read_shard,
-    write_shard,
 )
 from data.tokenize import encode_sentences, main, tokenize_to_shards
 from tokenizer import VQGAN, to_tensor
@@ -37,6 +36,7 @@ def all_samples(directory):
     return [s for p in list_shards(directory) for s in read_shard(p, ShardStats())]
 
 
+@pytest.mark.slow
 def test_shards_round_trip_exactly(tmp_path, vq):
     batch = sentences(5)
     result = tokenize_to_shards(batch, vq, tmp_path, samples_per_shard=2, progress=False)
@@ -55,6 +55,7 @@ def test_shards_round_trip_exactly(tmp_path, vq):
     assert keys == [s.key for s in samples]
 
 
+@pytest.mark.slow
 def test_interrupted_tokenization_resumes_without_duplicates_or_gaps(tmp_path, vq):
     batch = sentences(7)
 
@@ -90,12 +91,6 @@ def test_encode_sentences_splits_per_sentence(vq):
     batch = sentences(3, shots=2)
     tokens = encode_sentences(vq, batch, batch_size=3)
     assert [t.shape for t in tokens] == [(4, 256)] * 3
-
-
-def write_synthetic(path, n, codebook_size=64, images=1, first=0):
-    """A shard of n samples whose tokens all equal the sample number (first, first + 1, ..)."""
-    meta = {"codebook_size": codebook_size, "tokens_per_image": 4, "n_images": images}
-    write_shard(path, [TokenSample(f"s{i:04d}", np.full((images, 4), i, np.uint16), meta) for i in range(first, first + n)])
 
 
 def test_corrupt_member_and_truncated_shard_are_skipped_and_counted(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from test_data_shards import write_synthetic
+from helpers import write_synthetic
 
 from data.datamodule import STREAM_STATE, TokenDataModule
 from data.packing import IGNORE_INDEX, Packer, collate_rows, cu_seqlens
@@ -167,6 +167,7 @@ class Recorder(__import__("lightning").LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint_resumes_mid_epoch(tmp_path):
     import lightning as L
 

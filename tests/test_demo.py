@@ -5,16 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from lvm.figures import MIN_SIDE
 from scripts.demo import TASKS
+
+pytestmark = pytest.mark.slow  # the whole demo, twice, in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"model", "copy_query", "no_context"}
 
 
 def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
+    """Catches a stage that fails or writes nothing, and a rerun that trains again instead of reusing."""
     command = [sys.executable, "-m", "scripts.demo", "--smoke", "--out", str(tmp_path)]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -28,6 +32,10 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert set(metrics["tokenizer"]["psnr_procedural"]) == set(TASKS) and metrics["tokenizer"]["psnr_photos"] > 0
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
+    vlm = metrics["vlm"]
+    assert set(vlm["qa_exact_match"]) == {"model", "blank_image", "text_only"} and vlm["count"] > 0
+    assert set(vlm["caption_f1"]) == {"model", "blank_image"}
+    assert (tmp_path / "vlm" / "qa_grid.png").exists() and (tmp_path / "vlm" / "sft" / "export" / "config.json").exists()
     assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
 
     # labelled grids, one per task: a header row above one row per held-out prompt, images >= 96 px
@@ -42,7 +50,10 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert all(task in tail for task in TASKS) and str(tmp_path / "summary.png") in tail
     assert "wandb:" not in first.stdout + first.stderr and "LeafSpec" not in first.stderr
 
+    exports = [tmp_path / stage / "export" / "model.safetensors" for stage in ("tokenizer", "lvm")]
+    written = [path.stat().st_mtime_ns for path in exports]
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Trainer.fit" not in second.stderr + second.stdout  # both trained stages were reused
+    # A retrained stage exports again (an atomic replace: a new file with a new mtime).
+    assert [path.stat().st_mtime_ns for path in exports] == written
     assert json.loads((tmp_path / "metrics.json").read_text())["shards"] == metrics["shards"]

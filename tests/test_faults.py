@@ -19,6 +19,8 @@ from lvm.faults import AtomicCheckpointIO, FaultTolerance
 from lvm.module import LVMModule
 from scripts.fault_drill import DrillRecorder, drill, make_shards
 
+pytestmark = pytest.mark.slow  # Lightning fits interrupted by injected faults
+
 TINY = dict(model="vqlm_tiny", model_overrides={"codebook_size": 64, "vocab_size": 164}, warmup_steps=3, learning_rate=3e-3)
 
 
@@ -160,6 +162,89 @@ def test_preemption_signal_saves_at_the_step_boundary_and_exits_cleanly(tmp_path
     for key, value in weights.after[3].items():
         assert torch.equal(checkpoint["state_dict"][key], value), key
     assert signal.getsignal(signum) == previous  # handlers restored
+
+
+# -- gradient accumulation ------------------------------------------------------------------------------------
+class InterruptAtBatch(L.Callback):
+    def __init__(self, batches: int):
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen += 1
+        if self.seen > self.batches:
+            raise Interrupt
+
+
+def test_resume_with_accumulation_never_saves_mid_accumulation(tmp_path, shards):
+    """Killed after one micro-batch of a resumed run: without the guard, ModelCheckpoint rewrote last.ckpt
+    there (same global step as the restore), and the next resume lost that micro-batch's gradient."""
+
+    def run(directory, interrupt=None, resume=False):
+        torch.manual_seed(0)
+        module = LVMModule(**TINY, decay_steps=6)
+        data = TokenDataModule(str(shards / "train"), seq_len=512, batch_size=2, num_workers=0, shuffle_buffer=8)
+        checkpoints = ModelCheckpoint(directory, save_last=True, every_n_train_steps=2)
+        callbacks = [FaultTolerance(), checkpoints, *([InterruptAtBatch(interrupt)] if interrupt else [])]
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=directory, plugins=[AtomicCheckpointIO()], callbacks=callbacks,
+        )  # fmt: skip
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path="last" if resume else None)
+        except Interrupt:
+            pass
+        return module
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "killed", interrupt=5)  # steps 1-2 (4 micro-batches) and one more micro-batch
+    run(tmp_path / "killed", interrupt=1, resume=True)  # one micro-batch after the restore at step 2
+    resumed = run(tmp_path / "killed", resume=True)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+# -- the tokenizer trainer ------------------------------------------------------------------------------------
+class Interrupt(BaseException):
+    """Stands for the kill: raised as a step begins, nothing saved after it."""
+
+
+class InterruptAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Interrupt
+
+
+@pytest.mark.slow
+def test_tokenizer_training_resumes_to_the_straight_runs_weights(tmp_path):
+    """Crops, their order and the quantizer's dead-code restarts (global RNG) all continue as in an
+    unbroken run: resumed twice mid-epoch and once across an epoch boundary, the weights agree exactly."""
+    from data.images import ImageDataModule
+    from tokenizer.module import VQGANModule
+
+    def run(directory, steps=16, interrupt=None, resume=False):
+        L.seed_everything(0)
+        module = VQGANModule(model="vqgan_tiny", perceptual_weight=0.0, disc_start=4, learning_rate=1e-3)
+        data = ImageDataModule(resolution=32, batch_size=2, train_samples_per_epoch=10, procedural_fraction=0.5, val_zooms=1)
+        checkpoints = ModelCheckpoint(directory, save_last=True, every_n_train_steps=2)
+        callbacks = [FaultTolerance(), checkpoints, *([InterruptAt(interrupt)] if interrupt else [])]
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, default_root_dir=directory, plugins=[AtomicCheckpointIO()], callbacks=callbacks,
+        )  # fmt: skip
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path="last" if resume else None)
+        except Interrupt:
+            pass
+        return module
+
+    straight = run(tmp_path / "straight")
+    for i, step in enumerate([3, 7, 11, None]):  # global_step counts both optimisers: 5 batches = 10 steps per epoch
+        resumed = run(tmp_path / "killed", interrupt=step, resume=i > 0)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 # -- kill -9 of real training processes ---------------------------------------------------------------------

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [p for p in ("tokenizer", "data", "lvm", "vlm") if importlib.util.find_spec(p) is not None]
 # Training and plotting stacks: seconds to import, and not needed to load a model and prompt it.
 HEAVY = ("lightning", "pytorch_lightning", "wandb", "matplotlib", "torchmetrics")
 
 
+@pytest.mark.slow
 def test_packages_import_without_training_stack():
     """Catches a module-level `import lightning` (or wandb, matplotlib, ...) reaching the package inits."""
     code = (

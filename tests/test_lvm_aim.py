@@ -57,6 +57,7 @@ def test_prefix_causal_mask_matrix():
     assert torch.equal(per_row[0, 0], torch.ones(5, 5, dtype=torch.bool).tril()) and per_row[1].all()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 @pytest.mark.parametrize("prefix", [1, 6, 16, torch.tensor([3, 11])])
@@ -189,6 +190,7 @@ def test_save_and_load(model, tmp_path):
         AIM.from_pretrained(tmp_path / "aim", hidden_size=32)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss():
     from data.images import ProceduralImages
 

@@ -15,6 +15,8 @@ from lvm import scaling, sweep
 from lvm.aim import AIM, AIMConfig
 from lvm.aim_module import AIMModule
 
+pytestmark = pytest.mark.slow  # AIM fits through the Lightning CLI and sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "aim").glob("*.yaml"))
 TINY_DATA = ["--data.resolution", "16", "--data.batch_size", "8", "--data.num_workers", "0",

@@ -56,6 +56,7 @@ def test_block_causal_mask():
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_backends_match_eager(model, backend):
@@ -69,6 +70,7 @@ def test_backends_match_eager(model, backend):
     assert (packed - logits(model, backend, ids=batch["input_ids"])).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_sdpa_gradients_match_eager():
     ids = torch.randint(0, 300, (2, 32))
     documents = torch.tensor([[0] * 12 + [1] * 14 + [-1] * 6, [0] * 32])
@@ -81,6 +83,7 @@ def test_sdpa_gradients_match_eager():
     assert (grads[0] - grads[1]).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_packed_row_equals_documents_alone(model, backend):
     batch = packed_batch(model.config)

@@ -10,6 +10,7 @@ from lvm.figures import (
     AnalogyExample,
     display_side,
     labelled_grid,
+    reconstruction_figure,
     summary_figure,
     text_block,
 )
@@ -68,3 +69,13 @@ def test_summary_puts_the_table_beside_the_rows():
     assert summary.width >= labelled_grid(examples["edges"][:1]).width + text_block(table).width
     with pytest.raises(ValueError, match="at least one"):
         summary_figure({"edges": []}, table)
+
+
+def test_reconstructions_sit_under_their_originals():
+    sets = {"photos": ([tile(0), tile(1)], [tile(2), tile(3)]), "edges 31.2 dB": ([tile(4)], [tile(5)])}
+    canvas = np.asarray(reconstruction_figure(sets))
+    for originals, decoded in sets.values():
+        for above, below in zip(originals, decoded, strict=True):
+            (x0, y0), (x1, y1) = find(canvas, above), find(canvas, below)
+            assert x0 == x1 and y1 - y0 >= display_side(SIZE)
+    assert (canvas[:, : find(canvas, tile(0))[0]].min(-1) < 100).sum() > 50  # the set names on the left

@@ -35,6 +35,7 @@ def greedy_without_cache(model: LVM, prompt: torch.Tensor, new_tokens: int) -> t
     return ids[0, prompt.numel() :]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "lengths"), [("sdpa", (7, 19, 1, 12)), ("eager", (3, 9))])
 def test_greedy_cache_equals_recompute_and_batch_equals_alone(backend, lengths):
     model = tiny(attn_backend=backend)
@@ -49,6 +50,7 @@ def test_greedy_cache_equals_recompute_and_batch_equals_alone(backend, lengths):
     assert torch.equal(model.generate(same_length, 5, temperature=0)[1], greedy_without_cache(model, same_length[1], 5))
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(tmp_path):
     tiny().save_pretrained(tmp_path)  # a random Llama in HF layout
     hf = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
@@ -95,6 +97,7 @@ def test_sampling_stays_in_top_k_and_nucleus():
     assert inside.sum(1).max() < CODEBOOK / 2  # the nucleus is a real restriction here
 
 
+@pytest.mark.slow
 def test_special_ids_never_emitted_even_when_most_likely():
     model = tiny()
     head = torch.nn.Linear(model.config.hidden_size, VOCAB)  # the same head plus a bias
@@ -128,8 +131,22 @@ def test_mode_dtype_and_lengths():
     assert model.generate(prompts(3), max_new_tokens=0).shape == (1, 0)
     assert model.generate(prompts(3), max_new_tokens=1, temperature=0).shape == (1, 1)
     assert model.training  # eval during generation, the caller's mode after
+
+
+def test_bf16_generation_follows_the_fp32_model():
+    """Catches a bf16 cache path that decodes garbage or a constant (ids inside the codebook are not
+    enough): each greedy bf16 token is among the fp32 model's top 3 for the prefix it was generated from."""
+    model = tiny()
     half = tiny().to(torch.bfloat16)
-    assert half.generate(prompts(4, 6), max_new_tokens=6, top_p=0.9, seed=0).max() < CODEBOOK
+    half.load_state_dict(model.state_dict())  # the same weights, rounded to bf16
+    batch = prompts(4, 6)
+    new = half.generate(batch, max_new_tokens=6, temperature=0)
+    assert new.dtype == torch.long
+    for row, prompt in zip(new, batch, strict=True):
+        ids = torch.cat([prompt, row])
+        for t, token in enumerate(row.tolist()):
+            top3 = image_logits(model, ids[None, : len(prompt) + t]).topk(3).indices[0].tolist()
+            assert token in top3, (t, token, top3)
 
 
 @pytest.mark.parametrize(
@@ -148,3 +165,23 @@ def test_mode_dtype_and_lengths():
 def test_bad_arguments(prompt_ids, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny().generate(prompt_ids, max_new_tokens=2, **kwargs)
+
+
+def test_stop_ids_end_rows_and_embeddings_prompt_equals_ids():
+    model = tiny()
+    batch = prompts(5, 9)
+    free = model.generate(batch, max_new_tokens=16, temperature=0)
+    stop = int(free[0, 3])  # row 0 produces it at step 3 (and maybe row 1 somewhere)
+    stopped = model.generate(batch, max_new_tokens=16, temperature=0, stop_ids=[stop])
+    for row, full in zip(stopped, free, strict=True):
+        hits = (full == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else 16
+        assert torch.equal(row[:end], full[:end]) and (row[end:] == stop).all()  # repeats the stop id
+    assert stopped.shape[1] == 16 or (stopped[:, -1] == stop).all()  # shorter only when every row stopped
+    with pytest.raises(ValueError, match="stop_ids"):
+        model.generate(batch, max_new_tokens=4, stop_ids=[VOCAB - 1])  # a special id is never produced
+
+    embeds = [model.model.embed_tokens(p).detach() for p in batch]
+    assert torch.equal(model.generate(None, max_new_tokens=16, temperature=0, inputs_embeds=embeds), free)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.generate(batch, inputs_embeds=embeds)

@@ -104,6 +104,7 @@ def test_unsupported_llama_variant(tmp_path):
         LVM.from_pretrained(tmp_path)
 
 
+@pytest.mark.slow
 def test_convert_lightning_checkpoint(tmp_path, ids):
     """scripts/convert_checkpoint.py: a training checkpoint (keys `model.` + ours, LVMModule's
     hyper-parameters) -> an HF directory with the same logits."""

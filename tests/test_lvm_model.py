@@ -106,15 +106,20 @@ def test_forward_shapes_and_training_step():
 
 
 def test_activation_checkpointing_same_gradients():
+    """Catches a switch that is ignored (no recomputation: each block runs once) or changes the gradients."""
     config = LVMConfig.from_name("vqlm_tiny", vocab_size=300, codebook_size=256)
     ids = torch.randint(0, 300, (2, 16))
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = LVM(LVMConfig(**{**config.to_dict(), "activation_checkpointing": checkpointing}))
+        model = LVM(config)
+        model.activation_checkpointing = checkpointing
+        model.model.layers[0].register_forward_pre_hook(lambda *_, on=checkpointing: calls.append(on))
         model(ids).square().mean().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # checkpointing reruns the block's forward during backward (a pre-hook: the rerun stops early)
+    assert calls == [False, True, True]
 
 
 def test_bf16_forward():

@@ -9,6 +9,8 @@ from lvm import LVM, LVMConfig
 from lvm.aim import AIM, AIMConfig
 from lvm.probe import AttentiveProbe, accuracy, aim_encoder, extract, fit_probe, lvm_encoder
 
+pytestmark = pytest.mark.slow  # trains attentive probes
+
 
 @pytest.fixture(scope="module")
 def colors():

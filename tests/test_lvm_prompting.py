@@ -14,9 +14,12 @@ from PIL import Image
 
 from data.procedural import procedural_analogy, procedural_seeds
 from lvm import LVM, LVMConfig
-from lvm.evaluation import METHODS, perplexity, score_analogies
+from lvm.evaluation import METHODS, most_likely, perplexity, score_analogies, target_nll
 from lvm.prompting import InContextPrompter, PromptJob, read_jobs
 from tokenizer import VQGAN, to_tensor
+from tokenizer.images import psnr
+
+pytestmark = pytest.mark.slow  # generation and tokenization with real checkpoints, script subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16  # vqgan_tiny is f2: 16 px -> 8x8 = 64 tokens per image
@@ -129,12 +132,30 @@ def test_perplexity_is_exp_mean_nll_of_the_target_tokens(prompter):
 
 
 def test_analogy_scores_and_copy_baseline(prompter):
+    """Catches scores that are not those of the answers generated (a constant, another method's, answers
+    scored against the query), and per-task tallies that mix tasks."""
     # Two prompt lengths in one batch: generate gets prompts of different lengths.
     batch = sentences([("flip", 2), ("recolor", 3)])
     scores, examples = score_analogies(prompter, batch, batch_size=4, keep_examples=2)  # 2 sentences per task
 
     truth = prompter.encode([s.answer for s in batch])
     query = prompter.encode([s.prompt[-1] for s in batch])
+    # The greedy answers, generated here apart from score_analogies from the same prompt tokens.
+    prompts = [prompter.fit_images(s.prompt) for s in batch]
+    answers = prompter.fit_images([s.answer for s in batch], "answer image")
+    *contexts, _ = prompter.encode([im for p in prompts for im in p] + answers).split([*map(len, prompts), len(batch)])
+    generated = {
+        "model": prompter.complete(contexts, temperature=0)[:, 0, 0],
+        "no_context": prompter.complete([c[-1:] for c in contexts], temperature=0)[:, 0, 0],
+    }
+    for method, pred in generated.items():
+        assert scores["token_accuracy"][method] == pytest.approx((pred == truth).double().mean().item())
+    flip = [i for i, s in enumerate(batch) if s.task == "flip"]
+    assert scores["per_task"]["flip"]["token_accuracy"]["model"] == pytest.approx(
+        (generated["model"][flip] == truth[flip]).double().mean().item()
+    )
+    copied = psnr(prompter.decode(query), to_tensor(answers)).mean().item()
+    assert scores["psnr"]["copy_query"] == pytest.approx(copied, rel=1e-4)
     unchanged = (truth == query).double().mean().item()
     assert scores["changed_token_accuracy"]["copy_query"] == 0
     assert scores["token_accuracy"]["copy_query"] == pytest.approx(unchanged)
@@ -142,10 +163,23 @@ def test_analogy_scores_and_copy_baseline(prompter):
     for metric in ("token_accuracy", "changed_token_accuracy", "psnr"):
         assert set(scores[metric]) == set(METHODS)
     assert set(scores["per_task"]) == {"flip", "recolor"} and scores["per_task"]["flip"]["count"] == 2
-    assert all(0 <= scores["token_accuracy"][m] <= 1 for m in METHODS)
     assert {task: len(rows) for task, rows in examples.items()} == {"flip": 2, "recolor": 2}
     row = examples["flip"][0]  # what the grid shows: the examples, the query, each method's answer, the truth
     assert len(row.examples) == 2 and set(row.answers) == set(METHODS) and row.truth.size == (SIZE, SIZE)
+
+
+def test_candidates_are_picked_by_likelihood(prompter):
+    batch = sentences([("recolor", 2)])
+    contexts = [prompter.encode(s.prompt) for s in batch]
+    drawn = prompter.complete(contexts, num_candidates=3, temperature=1.0, seed=0)[:, :, 0]  # [B, 3, TOKENS]
+    picked = most_likely(prompter, contexts, drawn)
+    for context, options, pick in zip(contexts, drawn, picked, strict=True):
+        nll = [target_nll(prompter.model, prompter.prompt_ids(context), o).mean().item() for o in options]
+        assert len(set(nll)) == 3 and torch.equal(pick, options[min(range(3), key=nll.__getitem__)])
+    scores, _ = score_analogies(prompter, batch, num_candidates=3, temperature=1.0, seed=0)
+    greedy, _ = score_analogies(prompter, batch)
+    assert scores["count"] == 2 and set(scores["psnr"]) == set(METHODS)
+    assert greedy["token_accuracy"]["copy_query"] == scores["token_accuracy"]["copy_query"]
 
 
 # -- bad input: errors before any generation --------------------------------------------------------------------
@@ -211,10 +245,14 @@ def test_cli_batch_writes_every_output(checkpoints, tmp_path, capsys):
     assert "skipped 3" in capsys.readouterr().out  # a rerun resumes: nothing left to do
 
 
-def test_eval_script(checkpoints, tmp_path):
+def test_eval_script(checkpoints, prompter, tmp_path):
     main = script_main("eval")
     common = ["--model", checkpoints / "lvm", "--tokenizer", checkpoints / "vq"]
-    assert main("perplexity", *common, "--prompt", checkpoints / "0.png", "--target", checkpoints / "1.png") > 1
+    # Catches a script that scores other images than those named, or a perplexity that ignores the prompt.
+    value = main("perplexity", *common, "--prompt", checkpoints / "0.png", "--target", checkpoints / "1.png")
+    assert value == pytest.approx(perplexity(prompter, [checkpoints / "0.png"], [checkpoints / "1.png"]), rel=1e-5)
+    # another prompt, another value (a random model barely uses context: ~0.1% here, 100x the tolerance)
+    assert value != pytest.approx(perplexity(prompter, [checkpoints / "2.png"], [checkpoints / "1.png"]), rel=1e-5)
     scores = main(
         "analogies", *common, "--tasks", "flip,colorize", "--per-task", 1, "--n-shots", 2, "--grid-rows", 1, "--out", tmp_path
     )

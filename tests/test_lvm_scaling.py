@@ -34,10 +34,16 @@ def test_compute_law_recovers_its_parameters_from_noisy_losses():
         assert low <= getattr(law, name) <= high
 
 
+def noisy_runs(seed: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`count` (params, tokens, loss) runs spread over 3.5 and 3 decades, losses from TRUE with 1% noise."""
+    rng = np.random.default_rng(seed)
+    params, tokens = 10 ** rng.uniform(7, 10.5, count), 10 ** rng.uniform(9, 12, count)
+    return params, tokens, TRUE.predict(params, tokens) * np.exp(rng.normal(0, 0.01, count))
+
+
+@pytest.mark.slow
 def test_chinchilla_law_recovers_its_parameters_from_noisy_losses():
-    rng = np.random.default_rng(0)
-    params, tokens = 10 ** rng.uniform(7, 10.5, 200), 10 ** rng.uniform(9, 12, 200)
-    loss = TRUE.predict(params, tokens) * np.exp(rng.normal(0, 0.01, 200))
+    params, tokens, loss = noisy_runs(seed=0, count=200)
     fit = scaling.fit_chinchilla(params, tokens, loss, grid=COARSE, bootstrap=10)
     assert fit.E == pytest.approx(TRUE.E, rel=0.05)
     assert fit.alpha == pytest.approx(TRUE.alpha, abs=0.03)
@@ -67,6 +73,7 @@ def test_isoflop_minima_of_a_sizes_by_steps_grid_find_the_optimal_size():
     np.testing.assert_allclose(np.log(optimal), np.log(TRUE.compute_optimal(budgets)[0]), atol=0.15)
 
 
+@pytest.mark.slow
 def test_chinchilla_runs_give_epoch_ais_estimate():
     params, tokens, loss = scaling.load_chinchilla()
     assert len(loss) == 240  # the 245 runs without Epoch AI's 5 outliers
@@ -79,10 +86,9 @@ def test_chinchilla_runs_give_epoch_ais_estimate():
     assert fit.B == pytest.approx(published["B"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_compute_optimal_exponents_and_their_intervals_follow_alpha_and_beta():
-    rng = np.random.default_rng(1)
-    params, tokens = 10 ** rng.uniform(7, 10.5, 100), 10 ** rng.uniform(9, 12, 100)
-    loss = TRUE.predict(params, tokens) * np.exp(rng.normal(0, 0.01, 100))
+    params, tokens, loss = noisy_runs(seed=1, count=100)
     fit = scaling.fit_chinchilla(params, tokens, loss, grid=COARSE, bootstrap=20)
     exponents = fit.optimal_exponents()
     assert exponents["N"][0] == pytest.approx(fit.beta / (fit.alpha + fit.beta))

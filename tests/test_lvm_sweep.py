@@ -6,6 +6,8 @@ import pytest
 
 from lvm import LVMConfig, scaling, sweep
 
+pytestmark = pytest.mark.slow  # trainings through train.py
+
 
 def test_sweep_trains_each_run_once_and_tabulates_its_logs(tmp_path, monkeypatch):
     train, val = sweep.demo_shards(tmp_path / "shards", train=8, val=4)

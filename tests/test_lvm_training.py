@@ -37,13 +37,7 @@ TINY = dict(model="vqlm_tiny", model_overrides=SHAPE)
 DATA = dict(seq_len=512, batch_size=2, num_workers=0, shuffle_buffer=8)  # a row holds two 258-token documents
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: a second thread only adds synchronisation (several times slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +110,7 @@ def test_no_weight_decay_on_norms_and_embeddings():
 
 
 # -- learning ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch(shards, tmp_path):
     L.seed_everything(0)
     row = first_batch(TokenDataModule(shards, **{**DATA, "batch_size": 1}))
@@ -125,6 +120,7 @@ def test_tiny_model_overfits_one_batch(shards, tmp_path):
     assert losses[-1] < 0.1, losses[::10]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_shards_with_metrics_and_export(shards, tmp_path):
     L.seed_everything(0)
     module = LVMModule(**TINY, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=5, export_dir=str(tmp_path / "hf"))
@@ -144,6 +140,7 @@ def test_loss_falls_on_shards_with_metrics_and_export(shards, tmp_path):
     torch.testing.assert_close(exported(ids), module.model(ids))
 
 
+@pytest.mark.slow
 def test_resume_gives_the_losses_of_a_straight_run(shards, tmp_path):
     def run(steps, name, ckpt_path=None):
         L.seed_everything(0)
@@ -160,6 +157,7 @@ def test_resume_gives_the_losses_of_a_straight_run(shards, tmp_path):
 
 
 # -- distillation ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_distillation_adds_temperature_scaled_kl_and_keeps_the_teacher_out_of_checkpoints(shards, tmp_path):
     teacher_dir = tmp_path / "teacher"
     LVM(LVMConfig.from_name("vqlm_tiny", **SHAPE)).save_pretrained(teacher_dir)
@@ -188,11 +186,21 @@ def test_distillation_adds_temperature_scaled_kl_and_keeps_the_teacher_out_of_ch
 
 
 # -- bad input -------------------------------------------------------------------------------------------
+def test_activation_checkpointing_is_a_training_switch():
+    """Catches the switch not reaching the model, or leaking into the model's config (and so its exports)."""
+    module = LVMModule(**TINY, activation_checkpointing=True)
+    assert module.model.activation_checkpointing and not hasattr(module.config, "activation_checkpointing")
+    with pytest.warns(FutureWarning, match="moved to model.activation_checkpointing"):  # the old spelling
+        old = LVMModule(model="vqlm_tiny", model_overrides={**SHAPE, "activation_checkpointing": True})
+    assert old.model.activation_checkpointing and old.config == module.config
+
+
 def test_vocab_must_hold_codebook_and_specials():
     with pytest.raises(ValueError, match="vocab_size 65 is smaller than codebook_size 64"):
         LVMModule(model="vqlm_tiny", model_overrides={"codebook_size": CODES, "vocab_size": CODES + 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, data, message",
     [
@@ -206,6 +214,7 @@ def test_data_that_does_not_fit_the_model_fails_before_training(shards, tmp_path
         fit(module, tmp_path, 1, datamodule=TokenDataModule(shards, **{**DATA, **data}))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_lists_the_mismatched_tensors(shards, tmp_path):
     trainer, _ = fit(LVMModule(**TINY), tmp_path, 1, datamodule=TokenDataModule(shards, **DATA))
     trainer.save_checkpoint(tmp_path / "tiny.ckpt")
@@ -220,6 +229,7 @@ def test_checkpoint_of_another_shape_lists_the_mismatched_tensors(shards, tmp_pa
 CONFIGS = sorted((ROOT / "configs" / "lvm").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_configs_set_the_recipe_and_instantiate(path, shards):
     raw = yaml.safe_load(path.read_text())
@@ -244,7 +254,7 @@ def test_configs_set_the_recipe_and_instantiate(path, shards):
         parser.add_argument("--strategy", type=FSDPStrategy)
         strategy = parser.instantiate(parser.parse_object({"strategy": trainer["strategy"]})).strategy
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
-        assert model["model_overrides"]["activation_checkpointing"]
+        assert model["activation_checkpointing"]
 
 
 # -- several processes through the CLI ---------------------------------------------------------------------
@@ -283,6 +293,7 @@ def assert_ranks_disjoint_and_in_sync(directory: Path) -> None:
         assert torch.equal(value, ranks[1]["state"][key]), key
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_through_the_cli(shards, tmp_path):
     finish(cli_run(tmp_path, shards, ["--trainer.devices", "2"]))
     assert_ranks_disjoint_and_in_sync(tmp_path / "ranks")
@@ -290,6 +301,7 @@ def test_ddp_two_processes_through_the_cli(shards, tmp_path):
     assert LVM.from_pretrained(tmp_path / "hf").config.codebook_size == CODES
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost(shards, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

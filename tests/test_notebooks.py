@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # executes the notebook
+
 papermill = pytest.importorskip("papermill")  # the `dev` extra
 
 ROOT = Path(__file__).resolve().parents[1]

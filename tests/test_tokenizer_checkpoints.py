@@ -153,6 +153,7 @@ def assert_parity(ours: VQGAN, reference_codes: torch.Tensor, reference_images: 
     torch.testing.assert_close(decoded, reference_images, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_taming_run_directory_matches_taming(tmp_path, taming_model, taming_reference, images):
     run = write_taming_run(tmp_path, taming_model)
     ours = VQGAN.from_pretrained(run)
@@ -199,6 +200,7 @@ def test_taming_ckpt_beside_same_named_yaml(tmp_path, taming_model):
     assert_same_weights(ours, taming_model)
 
 
+@pytest.mark.slow
 def test_taming_bare_ckpt_shape_from_state_dict(tmp_path, taming_model, taming_reference, images):
     (tmp_path / "weights").mkdir()
     torch.save(taming_checkpoint(taming_model), tmp_path / "weights" / "model.ckpt")
@@ -260,38 +262,20 @@ MUSE_DEFAULTS = dict(
     commitment_cost=0.25,
 )
 
+# open-muse configs without attention (as the released LVM tokenizer), differing only in shape.
+_MUSE_ATTENTION_FREE = dict(
+    num_channels=3, num_res_blocks=2, attn_resolutions=[], no_attn_mid_block=True, dropout=0.0,
+    resample_with_conv=True, commitment_cost=0.25,
+)  # fmt: skip
 MUSE_SMALL = dict(
-    resolution=32,
-    num_channels=3,
-    hidden_channels=32,
-    channel_mult=[1, 2, 2],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    no_attn_mid_block=True,
-    z_channels=16,
-    num_embeddings=128,
-    quantized_embed_dim=8,
-    dropout=0.0,
-    resample_with_conv=True,
-    commitment_cost=0.25,
-)
-
+    _MUSE_ATTENTION_FREE, resolution=32, hidden_channels=32, channel_mult=[1, 2, 2], z_channels=16,
+    num_embeddings=128, quantized_embed_dim=8,
+)  # fmt: skip
 # The released LVM tokenizer's config (open-muse VQGAN f16, 8192 codes).
 MUSE_LVM = dict(
-    resolution=256,
-    num_channels=3,
-    hidden_channels=128,
-    channel_mult=[1, 2, 2, 4, 6],
-    num_res_blocks=2,
-    attn_resolutions=[],
-    no_attn_mid_block=True,
-    z_channels=64,
-    num_embeddings=8192,
-    quantized_embed_dim=64,
-    dropout=0.0,
-    resample_with_conv=True,
-    commitment_cost=0.25,
-)
+    _MUSE_ATTENTION_FREE, resolution=256, hidden_channels=128, channel_mult=[1, 2, 2, 4, 6], z_channels=64,
+    num_embeddings=8192, quantized_embed_dim=64,
+)  # fmt: skip
 
 
 def muse_shapes(config: dict) -> dict[str, tuple[int, ...]]:

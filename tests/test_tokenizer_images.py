@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tokenizer import fit_to_resolution, load_image, to_pil, to_rgb, to_tensor
+from tokenizer.images import psnr, resolve_image
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -212,3 +213,23 @@ def test_load_image_applies_exif_orientation(tmp_path):
     assert image.size == (20, 40)
     out = pixels(image).astype(int)
     assert out[:15].mean() > 240 and out[-15:].mean() < 15  # stored left -> displayed top
+
+
+def test_psnr_matches_its_definition():
+    """Catches a PSNR on the wrong scale (255 vs 1), averaged over the batch, or infinite on exact matches."""
+    images = torch.zeros(2, 3, 4, 4)
+    references = torch.stack([torch.full((3, 4, 4), 0.1), torch.zeros(3, 4, 4)])
+    assert torch.allclose(psnr(images, references), torch.tensor([20.0, 100.0]))  # mse 0.01 -> 20 dB
+
+
+def test_resolve_image_takes_every_image_like(tmp_path):
+    """Catches a path, PIL image or lazy callable being refused, or a bad file reported without its name."""
+    image = Image.new("RGB", (4, 4), (255, 0, 0))
+    image.save(tmp_path / "red.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    for like in (image, tmp_path / "red.png", str(tmp_path / "red.png"), lambda: image):
+        assert resolve_image(like).getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(ValueError, match="query '.*notes.png' is not a readable image"):
+        resolve_image(tmp_path / "notes.png", "query")
+    with pytest.raises(TypeError, match="PIL image, a path or a callable"):
+        resolve_image(3)

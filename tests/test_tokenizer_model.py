@@ -23,6 +23,7 @@ def test_every_preset_is_covered_here():
     assert set(PRESETS) == set(SMALL) | set(LARGE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_small_presets_round_trip_shapes(name):
     model = VQGAN.from_name(name).eval()
@@ -186,6 +187,7 @@ def test_decode_rejects_float_codes(tiny):
         tiny.decode(torch.zeros(1, 64))
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip(tmp_path, tiny):
     tiny.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
@@ -285,6 +287,7 @@ def test_dead_code_restart_is_off_in_eval_and_by_default():
     assert torch.equal(model.quantize.embedding.weight, before)
 
 
+@pytest.mark.slow
 def test_training_forward_gradients_reach_encoder_and_codebook():
     model = VQGAN.from_name("vqgan_tiny").train()
     pixels = torch.rand(2, 3, 8, 8) * 2 - 1

@@ -71,6 +71,7 @@ def test_procedural_images_join_training_and_validation_from_disjoint_seeds():
     assert procedural[0].shape == (3, 32, 32) and not torch.equal(procedural[0], procedural[1])
 
 
+@pytest.mark.slow
 def test_gan_phase_trains_the_discriminator_with_adaptive_weight(tmp_path):
     L.seed_everything(0)
     module = VQGANModule(**{**TINY, "perceptual_weight": 1.0}, lpips_vgg_weights="random", disc_start=0)
@@ -87,6 +88,7 @@ def test_gan_phase_trains_the_discriminator_with_adaptive_weight(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, module.discriminator.parameters(), strict=True))
 
 
+@pytest.mark.slow
 def test_lpips_loads_vgg16_weights_from_a_local_path(tmp_path):
     vgg = torchvision.models.vgg16()
     torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
@@ -103,6 +105,7 @@ def _read_metrics(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cli_fit_with_csv_logger_resumes_and_exports(tmp_path):
     run = tmp_path / "run"
     common = [
@@ -134,6 +137,7 @@ def test_cli_fit_with_csv_logger_resumes_and_exports(tmp_path):
     assert resumed["global_step"] == 12
 
 
+@pytest.mark.slow
 def test_small_vqgan_learns_the_embedded_photos(tmp_path):
     """The demo preset, a few hundred steps on CPU: held-out L1 at least halves and most of its
     512-code book is in use."""

@@ -53,6 +53,7 @@ def _inputs(tokens_per_image: int):
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [llava, internvl, idefics2], ids=["llava", "internvl", "idefics2"])
 def test_family_matches_transformers(build, tmp_path):
     torch.manual_seed(0)

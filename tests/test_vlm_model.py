@@ -89,6 +89,7 @@ def test_own_format_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids, pixels, mask).logits, model(ids, pixels, mask).logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("llm", ["lvm", "hf"])
 def test_cached_greedy_generation_equals_full_recompute(llm):
     """Catches a cache written at the wrong slot, wrong positions for left-padded rows, or image tokens lost
@@ -109,6 +110,7 @@ def test_cached_greedy_generation_equals_full_recompute(llm):
             seq = torch.cat([seq, new[row : row + 1, step : step + 1]], dim=1)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = tiny_vlm()
     ids, mask, pixels = _batch(model)

@@ -28,12 +28,7 @@ VLM = {
 DATA = dict(seq_len=192, batch_size=2, num_workers=0, shuffle_buffer=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

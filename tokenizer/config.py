@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
+
+from lvm.config import NamedConfig
 
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(NamedConfig):
     """Shape and quantizer options of a VQGAN.
 
     `pixel_range` is the range the weights were trained on: taming models use [-1, 1], open-muse ones
@@ -61,23 +62,6 @@ class VQGANConfig:
     def tokens_per_image(self) -> int:
         return self.latent_size**2
 
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> VQGANConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown VQGAN preset {name!r}; valid names: {', '.join(sorted(PRESETS))}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> VQGANConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known - {"model_type"}
-        if unknown:
-            raise ValueError(f"unknown VQGANConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
 _TAMING_IMAGENET = dict(
     resolution=256,
     base_channels=128,
@@ -91,53 +75,29 @@ _TAMING_IMAGENET = dict(
 )
 
 PRESETS: dict[str, VQGANConfig] = {
-    # The released LVM tokenizer (open-muse VQGAN f16, 8192 codes): no attention anywhere, [0, 1] pixels.
-    "vqgan_f16_8192": VQGANConfig(
-        name="vqgan_f16_8192",
-        resolution=256,
-        base_channels=128,
-        channel_mult=(1, 2, 2, 4, 6),
-        num_res_blocks=2,
-        attn_resolutions=(),
-        mid_attention=False,
-        z_channels=64,
-        embed_dim=64,
-        codebook_size=8192,
-        pixel_range=(0.0, 1.0),
-    ),
-    # taming-transformers' ImageNet models.
-    "vqgan_imagenet_f16_1024": VQGANConfig(name="vqgan_imagenet_f16_1024", codebook_size=1024, **_TAMING_IMAGENET),
-    "vqgan_imagenet_f16_16384": VQGANConfig(
-        name="vqgan_imagenet_f16_16384", codebook_size=16384, **_TAMING_IMAGENET
-    ),
-    # Demo: 32x32 images, f4 -> 64 tokens per image, a 512-code book that trains on 2 CPU cores in minutes.
-    "vqgan_demo": VQGANConfig(
-        name="vqgan_demo",
-        resolution=32,
-        base_channels=32,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        mid_attention=False,
-        z_channels=32,
-        embed_dim=16,
-        codebook_size=512,
-        pixel_range=(-1.0, 1.0),
-        l2_normalized_codes=True,
-        dead_code_threshold=0.05,
-    ),
-    # Tests: the smallest shape that exercises every block kind (attention included).
-    "vqgan_tiny": VQGANConfig(
-        name="vqgan_tiny",
-        resolution=32,
-        base_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(16,),
-        mid_attention=True,
-        z_channels=16,
-        embed_dim=8,
-        codebook_size=64,
-        pixel_range=(-1.0, 1.0),
-    ),
-}
+    p.name: p
+    for p in (
+        # The released LVM tokenizer (open-muse VQGAN f16, 8192 codes): no attention anywhere, [0, 1] pixels.
+        VQGANConfig(
+            "vqgan_f16_8192", resolution=256, base_channels=128, channel_mult=(1, 2, 2, 4, 6), num_res_blocks=2,
+            attn_resolutions=(), mid_attention=False, z_channels=64, embed_dim=64, codebook_size=8192,
+            pixel_range=(0.0, 1.0),
+        ),
+        # taming-transformers' ImageNet models.
+        VQGANConfig("vqgan_imagenet_f16_1024", codebook_size=1024, **_TAMING_IMAGENET),
+        VQGANConfig("vqgan_imagenet_f16_16384", codebook_size=16384, **_TAMING_IMAGENET),
+        # Demo: 32x32 images, f4 -> 64 tokens per image, a 512-code book that trains on 2 CPU cores in minutes.
+        VQGANConfig(
+            "vqgan_demo", resolution=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+            attn_resolutions=(), mid_attention=False, z_channels=32, embed_dim=16, codebook_size=512,
+            pixel_range=(-1.0, 1.0), l2_normalized_codes=True, dead_code_threshold=0.05,
+        ),
+        # Tests: the smallest shape that exercises every block kind (attention included).
+        VQGANConfig(
+            "vqgan_tiny", resolution=32, base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attn_resolutions=(16,), mid_attention=True, z_channels=16, embed_dim=8, codebook_size=64,
+            pixel_range=(-1.0, 1.0),
+        ),
+    )
+}  # fmt: skip
+VQGANConfig.presets = PRESETS

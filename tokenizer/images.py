@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+# An image as the stack accepts it: PIL, an image file, or a zero-argument callable making one (a lazy
+# image: data.sentences.derived). The one image type of tokenizer/, data/, lvm/ and vlm/.
+ImageLike = Image.Image | str | os.PathLike | Callable[[], Image.Image]
 
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -53,6 +57,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(image))
 
 
+def resolve_image(image: ImageLike, what: str = "image") -> Image.Image:
+    """ImageLike -> PIL: images pass through, files are loaded as RGB (`load_image`), callables are called.
+    An unreadable file raises ValueError naming it as `what`."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            return load_image(image)
+        except (OSError, SyntaxError) as error:  # PIL raises SyntaxError for some corrupt headers
+            raise ValueError(f"{what} {os.fspath(image)!r} is not a readable image: {error}") from error
+    if callable(image):
+        return image()
+    raise TypeError(f"{what} must be a PIL image, a path or a callable; got {type(image).__name__}")
+
+
 def fit_to_resolution(image: Image.Image, size: int) -> Image.Image:
     """Resize the short side to `size` (bicubic; antialiased when shrinking), then center-crop a square."""
     image = to_rgb(image)
@@ -78,3 +97,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """float [B, 3, H, W] in [0, 1] -> list of PIL RGB images."""
     arrays = images.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arrays]
+
+
+def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """float [B] PSNR in dB of images in [0, 1] against references (capped at 100 dB for exact matches)."""
+    mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))

@@ -25,12 +25,12 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from data.shards import iter_tar_groups
 from data.sources import list_images
 from vlm.text import IMAGE_TOKEN
 
@@ -153,38 +153,6 @@ def read_caption_tars(path: str | os.PathLike, source: str | None = None) -> Ite
                 yield {"id": key, "source": source or path.stem, "error": BadSample("missing_image" if image is None else "missing_caption", f"{tar} sample {key} lacks an image or a .txt caption")}
                 continue
             yield _caption_sample(key, source or path.stem, image, members["txt"].decode("utf-8"))
-
-
-def iter_tar_groups(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes] | None]]:
-    """(key, {extension: bytes}) per sample of a webdataset tar, in order (members `key.ext`, the extension
-    being everything after the first dot). A tar that cannot be read to its end yields (error text, None) last."""
-    key, members = None, {}
-    try:
-        with open(path, "rb") as file:
-            with tarfile.open(fileobj=file, mode="r|") as tar:  # one streaming pass, as a remote read would be
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    member_key, _, extension = info.name.rsplit("/", 1)[-1].partition(".")
-                    if member_key != key and key is not None:
-                        yield key, members
-                        members = {}
-                    key = member_key
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise EOFError(f"member {info.name} cut short")
-                    members[extension] = data
-                end = tar.offset
-            # tarfile ends quietly at a cut header; a complete archive ends with two zero blocks
-            file.seek(end)
-            tail = file.read()
-            if len(tail) < 1024 or tail.strip(b"\0"):
-                raise EOFError("no end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError) as error:
-        yield f"{type(error).__name__}: {error}", None
-        return
-    if key is not None:
-        yield key, members
 
 
 def read_interleaved(path: str | os.PathLike, image_root: str | os.PathLike | None = None, source: str | None = None) -> Iterator[dict]:

@@ -12,7 +12,6 @@ The encoder and LLM may be transformers modules; the connector is always one of 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lvm.config import NamedConfig
 from vlm import connectors
 from vlm.encoders import build_encoder
 from vlm.llm import build_llm
@@ -33,7 +33,7 @@ OWN_MODEL_TYPE = "lvm_vlm"
 
 
 @dataclass
-class VLMConfig:
+class VLMConfig(NamedConfig):  # no presets: a VLM is built from its parts' specs
     """encoder / llm: specs for vlm.encoders.build_encoder / vlm.llm.build_llm; connector: a name in
     vlm.connectors with its options. `family` is "own" or the transformers family it was loaded from,
     whose config.json (`family_config`) is kept so save_pretrained writes that family's layout back."""
@@ -49,15 +49,7 @@ class VLMConfig:
     family_config: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"model_type": OWN_MODEL_TYPE, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> VLMConfig:
-        values = {k: v for k, v in values.items() if k != "model_type"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := set(values) - known:
-            raise ValueError(f"unknown VLMConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
-        return cls(**values)
+        return {"model_type": OWN_MODEL_TYPE, **super().to_dict()}
 
 
 class VLMOutput(NamedTuple):

@@ -21,7 +21,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lvm.module import next_token_targets, warmup_cosine
+from lvm.module import next_token_targets
+from lvm.training import warmup_cosine
 from vlm.model import VLM, VLMConfig
 from vlm.splice import IGNORE_INDEX
 

@@ -39,7 +39,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from data.shards import list_shards, shard_path
+from data.shards import iter_tar_groups, list_shards, shard_path
 from lvm.checkpoints import atomic_path
 from vlm import formats, scenes
 
@@ -186,7 +186,7 @@ def iter_shard_samples(
     (decode=False: the stored encoded bytes). A sample that cannot be read is skipped and counted in `stats`
     by reason ("corrupt_shard", "bad_record", "missing_image", "corrupt_image") and logged; never raises."""
     stats = formats.SkipStats() if stats is None else stats
-    for key, members in formats.iter_tar_groups(shard_path):
+    for key, members in iter_tar_groups(shard_path):
         try:
             if members is None:
                 raise formats.BadSample("corrupt_shard", f"shard {shard_path} ends early ({key}); the rest is skipped")
