@@ -168,7 +168,10 @@ def scene_samples(count: int, split: str = "train", size: int = 64, start: int =
         image, caption, pairs = scene_sample(seed, size)
         common = {"source": f"{SOURCE}-{split}", "images": [png_bytes(image)], "scene_seed": seed}
         yield {**common, "id": f"scene{seed}-caption", "kind": "caption", "turns": [{"role": "text", "content": f"<image>\n{caption}"}]}
-        groups = [[pair] for pair in pairs] if qa == "single" else [pairs]
+        # Multi-turn: the questions in a per-scene random order, so that no question type is always the first
+        # (the one asked beside the image) and a model cannot answer by turn position.
+        shuffled = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
+        groups = [[pair] for pair in pairs] if qa == "single" else [shuffled]
         for group in groups:
             turns = []
             for _, question, answer in group:
