@@ -28,7 +28,7 @@ def test_demo_config_trains_through_the_cli_and_the_loss_falls(tmp_path):
     train.main([
         "fit", "--config", str(ROOT / "configs" / "aim" / "demo.yaml"), "--model.model", "aim_tiny",
         "--model.learning_rate", "3e-3", "--model.warmup_steps", "5", "--model.export_dir", str(tmp_path / "export"),
-        "--trainer.max_steps", "50", "--trainer.val_check_interval", "50", "--trainer.log_every_n_steps", "1",
+        "--trainer.max_steps", "120", "--trainer.val_check_interval", "120", "--trainer.log_every_n_steps", "1",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", logger,
         "--trainer.callbacks.init_args.dirpath", str(tmp_path / "checkpoints"), *TINY_DATA,
         "--data.procedural_fraction", "1.0", "--data.train_samples_per_epoch", "16",  # 16 images seen again and again
@@ -36,7 +36,7 @@ def test_demo_config_trains_through_the_cli_and_the_loss_falls(tmp_path):
     with open(tmp_path / "csv" / "version_0" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5  # per-image prefixes make single steps noisy
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10  # per-image prefixes make single steps noisy
     assert last < 0.97 * first, losses  # a fixed batch falls much faster: test_lvm_aim.py
     assert any(r.get("val/loss") for r in rows) and any(r.get("train/tokens_per_s") for r in rows)
     assert all(r["train/grad_norm"] for r in rows if r.get("train/loss"))
