@@ -35,13 +35,12 @@ def expand_with_labels(ids: list[int], labels: list[int], image_id: int, counts:
     """Each `<image>` id becomes counts[i] copies (vlm.splice.expand_placeholders), labels IGNORE_INDEX there."""
     from vlm.splice import expand_placeholders
 
-    expanded = expand_placeholders(ids, image_id, counts)
-    label_iter, out_labels = iter(labels), []
-    counts_iter = iter(counts)
-    for i in ids:
-        label = next(label_iter)
-        out_labels.extend([IGNORE_INDEX] * next(counts_iter) if i == image_id else [label])
-    return np.asarray(expanded, np.int64), np.asarray(out_labels, np.int64)
+    expanded = np.asarray(expand_placeholders(ids, image_id, counts), np.int64)  # checks the counts
+    repeats = np.ones(len(ids), np.int64)
+    repeats[np.asarray(ids) == image_id] = counts
+    expanded_labels = np.repeat(np.asarray(labels, np.int64), repeats)
+    expanded_labels[expanded == image_id] = IGNORE_INDEX
+    return expanded, expanded_labels
 
 
 class VLMStream(TokenStream):

@@ -107,7 +107,7 @@ def score_scenes(chat: Chat, count: int, size: int = 64, grid_path: Path | None 
     model_captions = chat.caption(scene_images)
     blank_captions = chat.caption([blank] * len(scene_images))
     per_type = {
-        t: {name: exact_match([a for a, k in zip(answers, types, strict=False) if k == t], [a for a, k in zip(truths, types, strict=False) if k == t])
+        t: {name: exact_match([a for a, k in zip(answers, types, strict=True) if k == t], [a for a, k in zip(truths, types, strict=True) if k == t])
             for name, answers in (("model", model_answers), ("blank_image", blank_answers), ("text_only", blind))}
         for t in sorted(set(types))
     }
