@@ -88,7 +88,7 @@ def extract(encoder: Encoder, images: torch.Tensor, batch_size: int = 64) -> tor
 
 # -- training and scoring ----------------------------------------------------------------------------------
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 60,
-              batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1, num_heads: int = 8,
+              batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.1, num_heads: int = 8,
               seed: int = 0) -> AttentiveProbe:  # fmt: skip
     """Train an AttentiveProbe on frozen features [n, N, C] with AdamW and a cosine schedule."""
     if len(features) != len(labels):
