@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vlm-encoder", help="a vlm.encoders spec as JSON, instead of --model")
     parser.add_argument("--data", required=True, choices=DATASETS)
     parser.add_argument("--size", type=int, help="image size (default: what the model takes)")
-    parser.add_argument("--count", type=int, default=600, help="train images of the procedural sets (test: half)")
+    parser.add_argument("--count", type=int, default=2400, help="train images of the procedural sets (test: a quarter)")
     parser.add_argument("--layers", help="AIM blocks to average, e.g. 2,3 (default: the final-norm output)")
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--size is needed with --vlm-encoder")
     torch.manual_seed(args.seed)
     train_images, train_labels, classes = labelled(args.data, "train", size, args.count)
-    test_images, test_labels, _ = labelled(args.data, "test", size, args.count // 2)
+    test_images, test_labels, _ = labelled(args.data, "test", size, args.count // 4)
     top1 = probe_top1(encoder, (train_images, train_labels), (test_images, test_labels), classes,
                       epochs=args.epochs, seed=args.seed)  # fmt: skip
     print(f"{args.data}: attentive probe top-1 {top1:.4f} ({len(test_labels)} test images, {classes} classes, chance {1 / classes:.3f})")
