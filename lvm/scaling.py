@@ -277,9 +277,10 @@ def isoflop_minima(params, compute, loss) -> tuple[np.ndarray, np.ndarray, np.nd
 @dataclasses.dataclass
 class IsoflopFit:
     """Approach 2: the isoFLOP minima and the power laws N_opt = k C^a, D_opt = C / (6 N_opt) ~ C^(1 - a)
-    through them (None with fewer than two minima). Their intervals come from bootstrap resamples of the runs
-    within each slice, each slice's parabola and vertex refitted: `draws` [bootstrap] of a; `redrawn` counts
-    the slice resamples drawn again because they had no minimum (fewer than three sizes, or a downward parabola)."""
+    through them (None with fewer than two minima). Their intervals come from a residual bootstrap: each slice's
+    fitted parabola plus residuals drawn from all slices' (the sizes are a design, not a sample, so they stay),
+    every parabola and vertex refitted. `draws` [bootstrap] of a; `redrawn` counts slice draws drawn again because
+    their parabola had no minimum."""
 
     budgets: np.ndarray
     params: np.ndarray  # N_opt per budget
@@ -300,21 +301,23 @@ def fit_isoflop(params, compute, loss, bootstrap: int = 0, level: float = 0.95, 
     if len(budgets) < 2:
         return IsoflopFit(budgets, optimal, optimal_loss, None, None)
     n_law = fit_power_law(budgets, optimal)
+    log_params = [np.log(params[compute == budget]) for budget in budgets]
+    fitted = [np.polyval(isoflop_parabola(x, loss[compute == b]), x) for x, b in zip(log_params, budgets, strict=True)]
+    residuals = np.concatenate([loss[compute == b] - f for b, f in zip(budgets, fitted, strict=True)])
+    residuals *= np.sqrt(len(residuals) / (len(residuals) - 3 * len(budgets)))  # least squares leaves them too small
     rng = np.random.default_rng(seed)
-    slices = [np.flatnonzero(compute == budget) for budget in budgets]
     draws, redrawn = [], 0
     for _ in range(bootstrap):
         vertices = []  # log N_opt per slice
-        for rows in slices:
+        for x, f in zip(log_params, fitted, strict=True):
             for _ in range(1000):
-                sample = rng.choice(rows, len(rows))
-                coefficients = isoflop_parabola(np.log(params[sample]), loss[sample])
+                coefficients = isoflop_parabola(x, f + rng.choice(residuals, len(f)))
                 if coefficients is not None:
                     break
                 redrawn += 1
             else:
-                raise ValueError(f"isoFLOP budget {compute[rows[0]]:.3g}: 1000 resamples of its {len(rows)} runs had "
-                                 "no minimum; give it more sizes around its lowest loss")  # fmt: skip
+                raise ValueError(f"an isoFLOP slice of {len(f)} runs had no minimum in 1000 bootstrap draws: its "
+                                 "profile is flat within the noise; give it sizes further from its lowest loss")  # fmt: skip
             vertices.append(-coefficients[1] / (2 * coefficients[0]))
         draws.append(np.polyfit(np.log(budgets), vertices, 1)[0])
     if draws:
