@@ -111,14 +111,18 @@ def test_bad_inputs_name_the_fix(corpus, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_keeping_half_keeps_true_captions(corpus, tmp_path):
-    """A tiny VLM trained on true captions of training scenes finds the wrong captions of held-out scenes
-    less plausible: keeping the likelier half keeps >= 90% true ones (half of the input is true)."""
-    prepare(["scenes:300:train:32:none"], tmp_path / "train", shard_size=64, progress=False)
+    """A small VLM trained on true captions of training scenes finds the wrong captions of held-out scenes
+    less plausible: keeping the likelier half keeps >= 90% true ones (half of the input is true).
+    (400 steps: at 250 this model keeps 16 of 20, at 350 19 of 20.)"""
+    prepare(["scenes:1000:train:32:none"], tmp_path / "train", shard_size=256, progress=False)
+    spec = copy.deepcopy(SPEC)  # wider than SPEC and 4 px patches (16 image tokens): it learns to see in 400 steps
+    spec["encoder"]["config"].update(patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    spec["llm"]["config"].update(hidden_size=64, intermediate_size=128)
     torch.manual_seed(0)
-    module = VLMModule(vlm=copy.deepcopy(SPEC), tokenizer=str(corpus / "tok"), train_parts=["encoder", "connector", "llm"],
-                       learning_rate=3e-3, warmup_steps=10)  # fmt: skip
+    module = VLMModule(vlm=spec, tokenizer=str(corpus / "tok"), train_parts=["encoder", "connector", "llm"],
+                       learning_rate=2e-3, warmup_steps=10)  # fmt: skip
     data = VLMDataModule(str(tmp_path / "train"), tokenizer=str(corpus / "tok"), seq_len=192, batch_size=8, num_workers=0)
-    L.Trainer(accelerator="cpu", max_steps=150, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    L.Trainer(accelerator="cpu", max_steps=400, logger=False, enable_progress_bar=False, enable_model_summary=False,
               enable_checkpointing=False, default_root_dir=tmp_path).fit(module, datamodule=data)  # fmt: skip
     model, tokenizer = module.model, load_text_tokenizer(corpus / "tok")
     summary = filter_shards(model, tokenizer, corpus / "noisy", tmp_path / "kept", keep=0.5, progress=False)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data.shards import list_shards, shard_path
 from lvm.checkpoints import atomic_path
 from vlm import formats
+from vlm.processing import TILINGS, ImageProcessor
 from vlm.splice import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ def iter_scores(
     keys in `skip` are passed over, at most `limit` samples are scored. Samples that cannot be read, that
     exceed the model's positions or that have nothing to score are counted in `stats` and logged."""
     from vlm.prepare import read_manifest
-    from vlm.processing import ImageProcessor
     from vlm.text import check_tokenizer
 
     total = read_manifest(shards)["samples"]  # raises, naming the fix, for a folder that is not a shard set
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of samples kept, lowest perplexity first (0.5)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass (16)")
     parser.add_argument("--shard-size", type=int, default=256, help="samples per output shard (256)")
-    parser.add_argument("--tiling", default="none", help="image tiling, as the model was trained (none|internvl|anyres|catty)")
-    parser.add_argument("--max-tiles", type=int, default=6)
+    parser.add_argument("--tiling", default="none", choices=TILINGS, help="image tiling, as the model was trained (none)")
+    parser.add_argument("--max-tiles", type=int, default=6, help="tiles per image at most, as the model was trained (6)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from vlm import VLM

@@ -238,18 +238,21 @@ def make_soup(args: argparse.Namespace) -> dict:
     rows.append({"candidate": "uniform soup", "ingredients": list(range(len(states))), "metric": None})
     if args.method != "uniform" or args.val or metric == "scene_qa":
         evaluate_model = build_metric(kind, metric, args, args.ingredients[0])
+        cache: dict[tuple[int, ...], float] = {}  # the greedy soup may revisit the uniform soup
 
         def evaluate(indices: list[int]) -> float:
-            with torch.no_grad():
-                work.load_state_dict(average([states[i] for i in indices]))
-            value = evaluate_model(work.eval())
-            print(f"{metric} {value:.4f}  " + " + ".join(args.ingredients[i] for i in indices), file=sys.stderr)
-            return value
+            key = tuple(sorted(indices))
+            if key not in cache:
+                with torch.no_grad():
+                    work.load_state_dict(average([states[i] for i in key]))
+                cache[key] = evaluate_model(work.eval())
+                print(f"{metric} {cache[key]:.4f}  " + " + ".join(args.ingredients[i] for i in key), file=sys.stderr)
+            return cache[key]
 
         scores = [evaluate([i]) for i in range(len(states))]
         for row, value in zip(rows, scores, strict=False):
             row["metric"] = value
-        rows[-1]["metric"] = scores[0] if len(states) == 1 else evaluate(list(range(len(states))))
+        rows[-1]["metric"] = evaluate(list(range(len(states))))
         kept, value = greedy_soup(scores, evaluate, HIGHER_IS_BETTER[metric])
         rows.append({"candidate": "greedy soup", "ingredients": sorted(kept), "metric": value})
         best = kept[0]  # greedy_soup starts from the best ingredient
@@ -308,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ingredients", nargs="+", required=True, help="saved model directories of one kind and config")
     parser.add_argument("--out", required=True, help="directory to write the soup (save_pretrained), soup.csv, soup.json")
     parser.add_argument("--method", choices=METHODS, default="greedy", help="greedy (default), uniform or best")
-    parser.add_argument("--val", help="held-out data for the metric (see above); optional for --method uniform")
-    parser.add_argument("--metric", help="the held-out metric (default: the kind's first; see above)")
+    parser.add_argument("--val", help="held-out data for the metric (see below); optional for --method uniform")
+    parser.add_argument("--metric", choices=list(HIGHER_IS_BETTER), help="the held-out metric (default: the kind's first; see below)")
     parser.add_argument("--tokenizer", help="a VLM's text tokenizer directory (VLM metrics)")
     parser.add_argument("--batches", type=int, help="score only this many batches of --val (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples / rows / images per batch (16)")
