@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import save_tiny_vlm
 from PIL import Image
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("vlm")
+    torch.manual_seed(0)
     save_tiny_vlm(directory)
     return directory
 
