@@ -141,7 +141,8 @@ def image_logits(model: VLM, hidden: torch.Tensor, input_ids: torch.Tensor, n_wr
     positions = input_ids == model.config.generation["code_token_id"]
     before = torch.zeros_like(positions)
     before[:, :-1] = positions[:, 1:]
-    return model.gen_head(hidden[before]).view(n_written, model.codes_per_image, -1)
+    codebook = model.gen_tokenizer.config.codebook_size
+    return model.gen_head(hidden[before]).view(n_written, model.codes_per_image, codebook)
 
 
 # -- generation ---------------------------------------------------------------------------------------
