@@ -15,8 +15,11 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -245,3 +248,27 @@ def photo_samples(split: str = "all") -> Iterator[dict]:
 @functools.cache
 def _photo_png(name: str) -> bytes:
     return png_bytes(embedded_photo(name))
+
+
+def write_eval_folder(out: str | os.PathLike, count: int, split: str = "heldout", size: int = 64) -> Path:
+    """An evaluation folder of `count` scenes in scripts/vlm_eval.py's layout (vlm.benchmark): images/, and
+    questions.jsonl with every QA pair (type = its QA type), a caption per scene, and the shape question again
+    as multiple choice over the three shapes (type "shape_choice"). Returns the questions file."""
+    from lvm.checkpoints import atomic_path
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in scene_seeds(split, count):
+        image, caption, pairs = scene_sample(seed, size)
+        name = f"images/scene{seed}.png"
+        image.save(out / name)
+        records.append({"id": f"scene{seed}-caption", "image": name, "captions": [caption]})
+        for qa_type, question, answer in pairs:
+            records.append({"id": f"scene{seed}-{qa_type}", "image": name, "question": question, "answer": answer, "type": qa_type})
+            if qa_type == "shape":
+                records.append({"id": f"scene{seed}-shape-choice", "image": name, "question": question, "options": list(SHAPES),
+                                "answer": SHAPES.index(answer), "type": "shape_choice"})  # fmt: skip
+    with atomic_path(out / "questions.jsonl") as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out / "questions.jsonl"

@@ -156,7 +156,8 @@ def build_metric(kind: str, metric: str, args: argparse.Namespace, ingredient: s
 
         tokenizer = load_text_tokenizer(args.tokenizer)
         if metric == "scene_qa":
-            from vlm.evaluation import Chat, score_scenes
+            from vlm.chat import Chat
+            from vlm.evaluation import score_scenes
 
             return lambda model: score_scenes(Chat(model, tokenizer), args.scenes)["qa_exact_match"]["model"]
         from vlm.filter import mean_answer_nll
