@@ -43,6 +43,20 @@ def expand_with_labels(ids: list[int], labels: list[int], image_id: int, counts:
     return expanded, expanded_labels
 
 
+def sample_document(tokenizer, processor, sample: dict, images: list) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """A shard sample and its PIL images -> (ids [L], labels [L], pixel tiles [n_tiles, 3, S, S]): turns
+    tokenized with answer-only labels (vlm.text.encode_turns), each `<image>` expanded to its image's token
+    count. What training sees of a sample, and what vlm.filter scores."""
+    from vlm.text import IMAGE_TOKEN, encode_turns
+
+    ids, labels = encode_turns(tokenizer, sample["turns"])
+    processed = processor(images)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, labels = expand_with_labels(ids, labels, image_id, processed.tokens_per_image)
+    labels[0] = IGNORE_INDEX  # nothing before a document predicts its first token
+    return ids, labels, processed.pixel_values
+
+
 class VLMStream(TokenStream):
     """Packed VLM batches; see the module docstring. `sources`: source names, whose index is a source id."""
 
@@ -89,18 +103,12 @@ class VLMStream(TokenStream):
 
     def document(self, sample: dict, images: list) -> tuple[np.ndarray, np.ndarray, torch.Tensor] | None:
         """One sample -> (ids, labels, pixel tiles), or None (counted and logged) when it cannot fit a row."""
-        from vlm.text import IMAGE_TOKEN, encode_turns
-
-        ids, labels = encode_turns(self.tokenizer, sample["turns"])
-        processed = self.processor(images)
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        ids, labels = expand_with_labels(ids, labels, image_id, processed.tokens_per_image)
+        ids, labels, pixels = sample_document(self.tokenizer, self.processor, sample, images)
         if len(ids) > self.seq_len:
             log.warning("sample %s: %d tokens with its images, more than seq_len %d: skipped",
                         sample.get("id"), len(ids), self.seq_len)
             return None
-        labels[0] = IGNORE_INDEX  # nothing in the row before a document predicts its first token
-        return ids, labels, processed.pixel_values
+        return ids, labels, pixels
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         batch = collate_rows(rows)
