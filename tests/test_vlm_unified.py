@@ -130,3 +130,34 @@ def test_a_reading_vlm_export_gets_a_generation_side(corpus, tmp_path):
     with pytest.raises(ValueError, match="unknown train_parts.*generation"):
         UnifiedModule(vlm=copy.deepcopy(SPEC), tokenizer=str(corpus / "tok"), generation=GENERATION,
                       train_parts=["vq"])
+
+
+def test_draw_in_context_reads_the_examples(corpus):
+    from vlm.chat import Chat
+    from vlm.draw import draw
+    from vlm.model import VLM
+    from vlm.module import new_config
+    from vlm.scenes import Scene
+    from vlm.text import load_text_tokenizer
+    from vlm.unified_data import image_prompt
+
+    module, _ = module_and_data(corpus)
+    chat = Chat(module.model, load_text_tokenizer(corpus / "tok"))
+    caption = Scene.random(0).caption()
+    plain = draw(chat, [caption, "a red circle"], seed=1)
+    assert [image.size for image in plain] == [(16, 16)] * 2
+    assert draw(chat, [caption, "a red circle"], seed=1)[0].tobytes() == plain[0].tobytes()  # seeded
+    examples = [(Scene.random(s).caption(), Scene.random(s).render(32)) for s in (1, 2)]
+    assert len(draw(chat, [caption, "a red circle"], examples=examples)) == 2
+    # what the first code is read from: the <begin_of_image> position, after the example images when given
+    last = []
+    for shown in ([], examples):
+        ids, pixels = chat.prompt_ids([{"role": "text", "content": image_prompt(caption, [c for c, _ in shown])}],
+                                      [image for _, image in shown], False)
+        assert (torch.tensor(ids) == chat.image_id).sum() == chat.processor.tokens_per_tile * len(shown)  # each example read through the connector
+        hidden = module.model.llm.hidden(module.model.embed_inputs(torch.tensor([ids]), pixels))
+        last.append(module.model.gen_head(hidden[0, -1]))
+    assert not torch.allclose(last[0], last[1], atol=1e-3)
+    reader = Chat(VLM(new_config(copy.deepcopy(SPEC), str(corpus / "tok"))), load_text_tokenizer(corpus / "tok"))
+    with pytest.raises(ValueError, match="no generation side"):
+        draw(reader, [caption])
