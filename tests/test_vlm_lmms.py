@@ -1,7 +1,10 @@
 """vlm/lmms.py: our VLM runs lmms-eval tasks, offline, on a tiny local task (a task YAML and a JSON lines file).
 
 The adapter's own logic is checked without lmms-eval; the end-to-end test needs the optional extra
-(`pip install -e '.[lmms]'`) and skips, saying so, where lmms_eval is not importable."""
+(`pip install -e '.[lmms]'`) and skips, saying so, where lmms_eval is not importable. It runs a generate_until
+task only: lmms-eval 0.7.3's evaluator turns every loglikelihood result into a string
+(`unwrap_generation_output` -> `str((loss, greedy))`), so its multiple_choice tasks fail for any model with
+"too many values to unpack"; `loglikelihood` is checked directly below."""
 
 import importlib.util
 import json
@@ -37,8 +40,8 @@ def test_prompts_and_stop_strings():
 
 
 def test_loglikelihood_scores_the_continuation_tokens_after_the_prompt(vlm_dir):
-    """Catches an off-by-one between the prompt and the continuation: a one-token continuation's log-probability
-    is the prompt-only forward's last log-softmax at that token, and it is greedy exactly when it is the argmax."""
+    """Catches an off-by-one between the prompt and the continuation: a one-token continuation's loss is minus
+    the prompt-only forward's last log-softmax at that token, and it is greedy exactly when it is the argmax."""
     chat = Chat.load(str(vlm_dir))
     image = Image.open(vlm_dir / "red.png")
     ids, pixels = chat.prompt_ids(user_turn(QUESTIONS[0], [image]), [image])
@@ -52,8 +55,8 @@ def test_loglikelihood_scores_the_continuation_tokens_after_the_prompt(vlm_dir):
     best, worse = ranked[0], ranked[-1]
     docs = {"t": {"test": [{"image": image}]}}
     requests = [(QUESTIONS[0], chat.tokenizer.decode([t]), lambda doc: [doc["image"]], 0, "t", "test") for t in (best, worse)]
-    (best_logprob, best_greedy), (worse_logprob, worse_greedy) = loglikelihood(chat, requests, docs)
-    assert best_logprob == pytest.approx(float(last[best]), abs=1e-4) and worse_logprob == pytest.approx(float(last[worse]), abs=1e-4)
+    (best_nll, best_greedy), (worse_nll, worse_greedy) = loglikelihood(chat, requests, docs)
+    assert best_nll == pytest.approx(-float(last[best]), abs=1e-4) and worse_nll == pytest.approx(-float(last[worse]), abs=1e-4)
     assert best_greedy == (best == int(last.argmax())) and not worse_greedy
 
 

@@ -92,12 +92,16 @@ class VLMStream(TokenStream):
 
     def pack(self, packer: Packer, sample) -> Iterator:
         sample, images = sample
-        document = self.document(sample, images)
+        yield from self.add(packer, sample, self.document(sample, images))
+
+    def add(self, packer: Packer, sample: dict, document, **payload) -> Iterator:
+        """Add one document (ids, labels, pixel tiles) of `sample` (None: skipped) with its images and source,
+        and any further `payload` fields; yields the rows it completes."""
         if document is None:
             return
         ids, labels, pixels = document
         source = self.sources.index(sample["source"]) if sample.get("source") in self.sources else -1
-        yield from packer.add_document(ids, labels, payload={"pixels": pixels, "source": source})
+        yield from packer.add_document(ids, labels, payload={"pixels": pixels, "source": source, **payload})
         if not self.pack_rows:  # one sample per row (transformers LLMs take no block-diagonal mask)
             yield from packer.flush()
 
@@ -115,12 +119,17 @@ class VLMStream(TokenStream):
         payloads = [p for row in rows for p in row.payloads]
         size = self.processor.tile_size
         batch["pixel_values"] = torch.cat([p["pixels"] for p in payloads]) if payloads else torch.zeros(0, 3, size, size)
-        sources = torch.full_like(batch["input_ids"], -1)
-        for b, row in enumerate(rows):
-            for doc, payload in enumerate(row.payloads):
-                sources[b][batch["document_ids"][b] == doc] = payload["source"]
-        batch["source_ids"] = sources.masked_fill(batch["document_ids"] == PAD_DOCUMENT, -1)
+        batch["source_ids"] = document_field(rows, batch, "source")
         return batch
+
+
+def document_field(rows: list, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """long [B, L]: each token's document's payload[key] (an int), -1 on padding."""
+    values = torch.full_like(batch["input_ids"], -1)
+    for b, row in enumerate(rows):
+        for doc, payload in enumerate(row.payloads):
+            values[b][batch["document_ids"][b] == doc] = payload[key]
+    return values.masked_fill(batch["document_ids"] == PAD_DOCUMENT, -1)
 
 
 class VLMDataModule(TokenDataModule):

@@ -7,6 +7,7 @@ caption token F1 for the model and the blank image; a PNG grid of image | questi
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -55,20 +56,21 @@ def score_scenes(chat: Chat, count: int, size: int = 64, grid_path: Path | None 
 
 def save_qa_grid(path: Path, images: list[Image.Image], questions: list[str], answers: list[str], truths: list[str],
                  cell: int = 96) -> None:
-    """One row per question: image (nearest-neighbour upscaled) | question | model answer | truth."""
-    header, widths = 20, (cell, 260, 110, 110)
+    """One row per question: image (nearest-neighbour upscaled) | question | model answer | truth, each text
+    wrapped to its column (captions are long); the answer green when it matches the truth (VQA-normalised)."""
+    header, widths = 20, (cell, 220, 200, 200)
     canvas = Image.new("RGB", (sum(widths), header + cell * len(images)), "white")
     draw = ImageDraw.Draw(canvas)
-    for x, title in zip((0, widths[0], widths[0] + widths[1], widths[0] + widths[1] + widths[2]),
-                        ("image", "question", "model", "truth"), strict=False):
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    for x, title in zip(starts, ("image", "question", "model", "truth"), strict=True):
         draw.text((x + 4, 4), title, fill="black")
     for row, (image, question, answer, truth) in enumerate(zip(images, questions, answers, truths, strict=False)):
         y = header + row * cell
         canvas.paste(image.resize((cell, cell), Image.NEAREST), (0, y))
-        x = widths[0]
-        draw.text((x + 4, y + cell // 2 - 6), question, fill="black")
         color = "green" if vqa_normalize(answer) == vqa_normalize(truth) else "red"
-        draw.text((x + widths[1] + 4, y + cell // 2 - 6), answer or "(nothing)", fill=color)
-        draw.text((x + widths[1] + widths[2] + 4, y + cell // 2 - 6), truth, fill="black")
+        for x, width, text, fill in zip(starts[1:], widths[1:], (question, answer or "(nothing)", truth),
+                                        ("black", color, "black"), strict=True):  # fmt: skip
+            lines = textwrap.wrap(text, width // 6 - 1)[: cell // 12]  # the default font: ~6 x 11 px per character
+            draw.multiline_text((x + 4, y + max(4, cell // 2 - 6 * len(lines))), "\n".join(lines), fill=fill, spacing=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -8,7 +8,8 @@ pyproject.toml declares `manifest` under the entry-point group "lmms_eval.models
 `vlm.lmms.LmmsVLM` by that path. The class is built on first access (the module's `__getattr__`), so that this
 package module imports without the optional lmms-eval. The model side is vlm.chat.Chat: requests become
 single-turn prompts with one `<image>` per visual; `generate_until` is batched greedy (or sampled, from the
-task's generation kwargs) and cut at the task's stop strings; `loglikelihood` is one forward per request.
+task's generation kwargs) and cut at the task's stop strings; `loglikelihood` (a mean NLL, as lmms-eval's
+models return) is one forward per request.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ def generate_until(chat: Chat, requests: list[tuple], docs) -> list[str]:
 
 @torch.no_grad()
 def loglikelihood(chat: Chat, requests: list[tuple], docs) -> list[tuple[float, bool]]:
-    """(log p(continuation | image + context), whether greedy decoding gives the continuation) per
-    (context, continuation or doc_to_target, doc_to_visual, doc_id, task, split) request."""
+    """(mean negative log-likelihood of the continuation's tokens given image + context, whether greedy decoding
+    gives the continuation) per (context, continuation or doc_to_target, doc_to_visual, doc_id, task, split)
+    request. The first value is a loss, as lmms-eval's own models return (their `loss.item()`): its
+    multiple_choice tasks pick the option with the smallest one, although the base class's docstring
+    speaks of a log-probability."""
     results = []
     for context, target, doc_to_visual, doc_id, task, split in requests:
         doc = docs[task][split][doc_id]
@@ -98,14 +102,13 @@ def loglikelihood(chat: Chat, requests: list[tuple], docs) -> list[tuple[float, 
         ids, pixels = chat.prompt_ids(user_turn(context, images), images)
         answer = chat.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not answer:
-            results.append((0.0, True))
-            continue
+            raise ValueError(f"task {task} doc {doc_id}: the continuation {continuation!r} has no tokens to score")
         input_ids = torch.tensor([ids + answer], device=chat.device)
         logits = chat.vlm(input_ids=input_ids, pixel_values=None if pixels is None else pixels.to(chat.device)).logits
         predicted = logits[0, len(ids) - 1 : -1].float().log_softmax(-1)  # [len(answer), vocab]: each answer token
         target_ids = torch.tensor(answer, device=chat.device)
-        logprob = predicted.gather(-1, target_ids[:, None]).sum()
-        results.append((float(logprob), bool((predicted.argmax(-1) == target_ids).all())))
+        nll = -predicted.gather(-1, target_ids[:, None]).mean()
+        results.append((float(nll), bool((predicted.argmax(-1) == target_ids).all())))
     return results
 
 
