@@ -106,6 +106,9 @@ def test_ingredients_that_differ_are_refused_naming_what_differs(corpus, tmp_pat
     with pytest.raises(SystemExit):
         soup_cli("--ingredients", tmp_path, "--out", tmp_path / "o", "--method", "uniform")
     assert "holds no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        soup_cli("--ingredients", tmp_path / "vlm", "--out", tmp_path / "vlm", "--method", "uniform")
+    assert "is an ingredient" in capsys.readouterr().err
 
 
 def test_greedy_keeps_only_what_improves():

@@ -233,6 +233,8 @@ def make_soup(args: argparse.Namespace) -> dict:
     """Load, check, score and average the ingredients; write the soup and its table. Returns the table."""
     if len(set(args.ingredients)) != len(args.ingredients):
         raise ValueError("an ingredient is listed twice: each directory once (a soup weighs ingredients equally)")
+    if Path(args.out).resolve() in {Path(path).resolve() for path in args.ingredients}:
+        raise ValueError(f"--out {args.out} is an ingredient: write the soup into a new directory")
     loaded = [load_saved(path) for path in args.ingredients]
     kinds = {kind for kind, _ in loaded}
     if len(kinds) > 1:
