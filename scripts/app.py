@@ -34,9 +34,10 @@ from lvm.prompting import (
     check_analogy_count,
     save_png,
 )
-from scripts.app_chat import Chat, chat_tab
+from scripts.app_chat import chat_tab
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
+from vlm.chat import Chat
 
 DEMO_LVM, DEMO_TOKENIZER = "runs/demo/lvm/export", "runs/demo/tokenizer/export"  # where `make demo` exports
 MODEL_CALLS = "model"  # the one concurrency group every generation shares

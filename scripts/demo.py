@@ -26,8 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from data.photos import embedded_photos
 from data.shards import write_manifest
 from data.sources import sentences_from_spec
@@ -39,7 +37,7 @@ from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
 from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_pil, to_tensor
-from tokenizer.images import psnr
+from tokenizer.images import reconstruction_psnr
 from vlm import demo as vlm_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +82,6 @@ def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
         command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     subprocess.run([*command, *extra_args], check=True, env={**os.environ, **QUIET_ENV})
     return exported
-
-
-@torch.no_grad()
-def reconstruction_psnr(vq: VQGAN, images: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean PSNR (dB) of `images` [B, 3, H, W] after encode -> decode, and the reconstructions."""
-    recon = vq.decode(vq.encode(images))
-    return float(psnr(recon, images).mean()), recon
 
 
 def tokenizer_stage(out: Path, settings: dict) -> tuple[VQGAN, dict]:
