@@ -161,3 +161,32 @@ def test_draw_in_context_reads_the_examples(corpus):
     reader = Chat(VLM(new_config(copy.deepcopy(SPEC), str(corpus / "tok"))), load_text_tokenizer(corpus / "tok"))
     with pytest.raises(ValueError, match="no generation side"):
         draw(reader, [caption])
+
+
+def test_prompt_script_and_chat_draw(corpus, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from scripts import prompt
+    from scripts.chat import Session
+    from vlm.chat import Chat
+    from vlm.scenes import Scene
+
+    module, _ = module_and_data(corpus)
+    module.model.save_pretrained(tmp_path / "model")
+    Scene.random(3).render(32).save(tmp_path / "example.png")
+    prompt.main(["--model", str(tmp_path / "model"), "--tokenizer", str(corpus / "tok"), "--draw", "a red circle",
+                 "--example", str(tmp_path / "example.png"), Scene.random(3).caption(), "--candidates", "2",
+                 "--out", str(tmp_path / "drawn.png")])  # fmt: skip
+    assert Image.open(tmp_path / "drawn.png").width > 3 * 96  # caption, one example, two drawings
+
+    out = io.StringIO()
+    session = Session(Chat.load(str(tmp_path / "model"), str(corpus / "tok")), {"temperature": 0.0, "top_k": None,
+                      "top_p": 1.0, "seed": None}, 6, out=out, draw_dir=str(tmp_path / "chat"))  # fmt: skip
+    for line in (f"/example {tmp_path / 'example.png'} {Scene.random(3).caption()}", "/example nowhere.png a caption",
+                 "/draw", "/draw a red circle on the left"):  # fmt: skip
+        session.handle(line)
+    said = out.getvalue()
+    assert "(example 1 goes before the next /draw)" in said and "no image at nowhere.png" in said
+    assert "/draw needs a caption" in said and Image.open(tmp_path / "chat" / "draw-1.png").size == (16, 16)
