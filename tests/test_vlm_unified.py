@@ -10,7 +10,7 @@ import torch
 
 from tokenizer.config import VQGANConfig
 from vlm.prepare import prepare
-from vlm.text import train_default_tokenizer
+from vlm.text import load_text_tokenizer, train_default_tokenizer
 from vlm.unified import UnifiedModule
 from vlm.unified_data import UnifiedDataModule
 
@@ -190,3 +190,24 @@ def test_prompt_script_and_chat_draw(corpus, tmp_path):
     said = out.getvalue()
     assert "(example 1 goes before the next /draw)" in said and "no image at nowhere.png" in said
     assert "/draw needs a caption" in said and Image.open(tmp_path / "chat" / "draw-1.png").size == (16, 16)
+
+
+def test_app_draw_tab_handler(corpus, tmp_path):
+    import gradio as gr
+
+    from scripts.app_draw import draw_images, draw_tab
+    from vlm.chat import Chat
+    from vlm.scenes import Scene
+
+    module, _ = module_and_data(corpus)
+    chat = Chat(module.model, load_text_tokenizer(corpus / "tok"))
+    Scene.random(3).render(32).save(tmp_path / "example.png")
+    drawn = draw_images(chat, "a red circle", [str(tmp_path / "example.png")], Scene.random(3).caption(), 2, 3.0, 1.0, 0)
+    assert [image.size for image in drawn] == [(16, 16)] * 2
+    with pytest.raises(gr.Error, match="1 example images but 0 example captions"):
+        draw_images(chat, "a red circle", [str(tmp_path / "example.png")], "", 1, 3.0, 1.0, 0)
+    with pytest.raises(gr.Error, match="type a caption"):
+        draw_images(chat, " ", [], "", 1, 3.0, 1.0, 0)
+    with gr.Blocks() as page:  # the tab builds
+        draw_tab(chat, "model")
+    assert any(getattr(block, "elem_id", None) == "draw-run" for block in page.blocks.values())
