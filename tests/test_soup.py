@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from data.sources import sentences_from_spec
 from data.tokenize import tokenize_to_shards
 from lvm import LVM, LVMConfig
+from lvm.aim import AIM, AIMConfig
 from tokenizer import VQGAN
 from vlm.filter import mean_answer_nll
 from vlm.model import VLM
@@ -105,6 +106,9 @@ def test_ingredients_that_differ_are_refused_naming_what_differs(corpus, tmp_pat
     with pytest.raises(SystemExit):
         soup_cli("--ingredients", tmp_path, "--out", tmp_path / "o", "--method", "uniform")
     assert "holds no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        soup_cli("--ingredients", tmp_path / "vlm", "--out", tmp_path / "vlm", "--method", "uniform")
+    assert "is an ingredient" in capsys.readouterr().err
 
 
 def test_greedy_keeps_only_what_improves():
@@ -169,3 +173,16 @@ def test_lvm_and_vqgan_soups_score_with_their_own_metrics(tmp_path):
     assert tok["metric"] == "psnr" and tok["higher_is_better"]
     assert tok["candidates"][-1]["metric"] >= max(r["metric"] for r in tok["candidates"][:2])
     assert load_saved(tmp_path / "vq_soup")[0] == "tokenizer"
+
+
+def test_aim_soups_uniformly_and_says_it_has_no_metric(tmp_path, capsys):
+    for seed, name in enumerate("ab"):
+        torch.manual_seed(seed)
+        AIM(AIMConfig.from_name("aim_tiny")).save_pretrained(tmp_path / name)
+    soup_cli("--method", "uniform", "--ingredients", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "soup")
+    kind, soup = load_saved(tmp_path / "soup")
+    a, b = AIM.from_pretrained(tmp_path / "a").state_dict(), AIM.from_pretrained(tmp_path / "b").state_dict()
+    assert kind == "aim" and all(torch.allclose(v, (a[k] + b[k]) / 2, atol=1e-7) for k, v in soup.state_dict().items())
+    with pytest.raises(SystemExit):
+        soup_cli("--ingredients", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "greedy", "--val", tmp_path)
+    assert "no held-out metric for an aim" in capsys.readouterr().err

@@ -94,6 +94,9 @@ def test_resume_skips_scored_keys_and_corrupt_samples_are_counted(corpus, tmp_pa
     best = sorted(rows, key=lambda r: float(r["mean_nll"]))[: second["kept"]]
     assert kept_ids == sorted(r["id"] for r in best)
     assert all(math.isclose(float(r["perplexity"]), math.exp(float(r["mean_nll"])), rel_tol=1e-6) for r in rows)
+    data = VLMDataModule(str(out), tokenizer=str(corpus / "tok"), seq_len=192, batch_size=2, num_workers=0)
+    data.set_processor(ImageProcessor.for_model(model))  # the kept set trains as any prepared set
+    assert next(iter(data.train_dataloader()))["pixel_values"].shape[0] >= 1
 
 
 def test_bad_inputs_name_the_fix(corpus, tmp_path, capsys):

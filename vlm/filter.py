@@ -199,14 +199,17 @@ def filter_shards(
     for old in list_shards(out):  # shards of an earlier --keep are replaced
         old.with_suffix(".stats.json").unlink(missing_ok=True)
         old.unlink()
-    chosen = []
+    chunk, written = [], 0  # streamed: one output shard's samples in memory at a time
     for shard in list_shards(shards):
         for sample, images in iter_shard_samples(shard, decode=False):
             if sample["key"] in kept_keys:
                 raw = {k: v for k, v in sample.items() if k not in ("key", "num_images")}
-                chosen.append(raw | {"images": list(images)})
-    for index in range(0, len(chosen), shard_size):
-        write_shard(shard_path(out, index // shard_size), chosen[index : index + shard_size], start=index)
+                chunk.append(raw | {"images": list(images)})
+            if len(chunk) == shard_size:
+                write_shard(shard_path(out, written // shard_size), chunk, start=written)
+                chunk, written = [], written + len(chunk)
+    if chunk:
+        write_shard(shard_path(out, written // shard_size), chunk, start=written)
     manifest = write_manifest(out)
     summary = {
         "input": str(shards), "scored": len(rows), "kept": manifest["samples"], "keep": keep,

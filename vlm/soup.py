@@ -4,7 +4,8 @@
         --val runs/vlm/shards/val --tokenizer runs/vlm/tokenizer --out runs/soup
 
 Any saved model of the stack (a directory written by save_pretrained): a VLM (vlm.VLM, ours or a loaded
-transformers family), an LVM (lvm.LVM) or a VQGAN tokenizer (tokenizer.VQGAN); `load_saved` tells them apart.
+transformers family), an LVM (lvm.LVM) or a VQGAN tokenizer (tokenizer.VQGAN), and an AIM (lvm.aim.AIM, uniform
+soups only); `load_saved` tells them apart.
 Methods:
     uniform  the mean of the ingredients' floating-point tensors; integer and bool buffers must be equal in
              all of them and are copied
@@ -40,14 +41,14 @@ import torch
 from lvm.checkpoints import atomic_path
 
 METHODS = ("uniform", "greedy", "best")
-METRICS = {"vlm": ("nll", "scene_qa"), "lvm": ("loss",), "tokenizer": ("psnr",)}
+METRICS = {"vlm": ("nll", "scene_qa"), "lvm": ("loss",), "tokenizer": ("psnr",), "aim": ()}  # an AIM: uniform only
 HIGHER_IS_BETTER = {"nll": False, "scene_qa": True, "loss": False, "psnr": True}
 IGNORED_CONFIG_KEYS = ("transformers_version", "_name_or_path")  # provenance, not shape
 
 
 # -- loading any saved model ------------------------------------------------------------------------------
 def saved_kind(path: str | os.PathLike) -> str:
-    """"vlm", "lvm" or "tokenizer": which of the stack's models a save_pretrained directory holds."""
+    """"vlm", "lvm", "tokenizer" or "aim": which of the stack's models a save_pretrained directory holds."""
     from vlm.hf_families import FAMILIES
     from vlm.model import OWN_MODEL_TYPE
 
@@ -55,15 +56,18 @@ def saved_kind(path: str | os.PathLike) -> str:
     if not config_file.exists():
         raise FileNotFoundError(f"{path} holds no config.json: pass directories written by a model's save_pretrained "
                                 "(a VLM, an LVM or a VQGAN)")  # fmt: skip
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    values = json.loads(config_file.read_text())
+    model_type = values.get("model_type")
     if model_type == OWN_MODEL_TYPE or model_type in FAMILIES:
         return "vlm"
     if model_type == "lvm-vqgan":
         return "tokenizer"
     if model_type == "llama":
         return "lvm"
+    if model_type is None and "patch_size" in values:  # AIM.save_pretrained writes its config fields only
+        return "aim"
     raise ValueError(f"{config_file}: model_type {model_type!r} is none of the stack's saved models ({OWN_MODEL_TYPE!r} "
-                     f"or a transformers VLM family {', '.join(FAMILIES)}; 'llama' for an LVM; 'lvm-vqgan')")  # fmt: skip
+                     f"or a transformers VLM family {', '.join(FAMILIES)}; 'llama' for an LVM; 'lvm-vqgan'; an AIM's fields)")  # fmt: skip
 
 
 def load_saved(path: str | os.PathLike) -> tuple[str, torch.nn.Module]:
@@ -73,6 +77,8 @@ def load_saved(path: str | os.PathLike) -> tuple[str, torch.nn.Module]:
         from vlm.model import VLM as cls
     elif kind == "lvm":
         from lvm import LVM as cls
+    elif kind == "aim":
+        from lvm.aim import AIM as cls
     else:
         from tokenizer import VQGAN as cls
     return kind, cls.from_pretrained(path).eval()
@@ -147,6 +153,8 @@ def greedy_soup(scores: Sequence[float], evaluate: Callable[[list[int]], float],
 # -- held-out metrics -------------------------------------------------------------------------------------
 def build_metric(kind: str, metric: str, args: argparse.Namespace, ingredient: str) -> Callable[[torch.nn.Module], float]:
     """model -> its held-out metric (see the module docstring)."""
+    if not METRICS[kind]:
+        raise ValueError(f"there is no held-out metric for an {kind} here: use --method uniform without --val")
     if metric not in METRICS[kind]:
         raise ValueError(f"--metric {metric} does not apply to a {kind}; use one of {', '.join(METRICS[kind])}")
     if kind == "vlm":
@@ -225,6 +233,8 @@ def make_soup(args: argparse.Namespace) -> dict:
     """Load, check, score and average the ingredients; write the soup and its table. Returns the table."""
     if len(set(args.ingredients)) != len(args.ingredients):
         raise ValueError("an ingredient is listed twice: each directory once (a soup weighs ingredients equally)")
+    if Path(args.out).resolve() in {Path(path).resolve() for path in args.ingredients}:
+        raise ValueError(f"--out {args.out} is an ingredient: write the soup into a new directory")
     loaded = [load_saved(path) for path in args.ingredients]
     kinds = {kind for kind, _ in loaded}
     if len(kinds) > 1:
@@ -234,7 +244,7 @@ def make_soup(args: argparse.Namespace) -> dict:
     states = [{k: v.detach().clone() for k, v in model.state_dict().items()} for model in models]
     work = models[0]  # the model every candidate is evaluated in (its weights are overwritten)
     del models[1:]
-    metric = args.metric or METRICS[kind][0]
+    metric = args.metric or next(iter(METRICS[kind]), None)  # None: an AIM, which only soups uniformly
     rows = [{"candidate": path, "ingredients": [i], "metric": None} for i, path in enumerate(args.ingredients)]
     rows.append({"candidate": "uniform soup", "ingredients": list(range(len(states))), "metric": None})
     if args.method != "uniform" or args.val or metric == "scene_qa":
@@ -263,7 +273,7 @@ def make_soup(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         work.load_state_dict(average([states[i] for i in chosen["ingredients"]]))
     work.save_pretrained(args.out)
-    table = {"kind": kind, "method": args.method, "metric": metric, "higher_is_better": HIGHER_IS_BETTER[metric],
+    table = {"kind": kind, "method": args.method, "metric": metric, "higher_is_better": HIGHER_IS_BETTER.get(metric),
              "written": {"path": str(args.out), **chosen}, "candidates": rows}  # fmt: skip
     write_table(Path(args.out), table, args.ingredients)
     return table
@@ -274,7 +284,8 @@ def table_lines(table: dict, names: Sequence[str]) -> list[str]:
     ingredients the greedy soup kept."""
     greedy = next((r["ingredients"] for r in table["candidates"] if r["candidate"] == "greedy soup"), [])
     direction = "higher" if table["higher_is_better"] else "lower"
-    lines = [f"{'candidate':<60}{table['metric'] + ' (' + direction + ' is better)':>28}"]
+    header = f"{table['metric']} ({direction} is better)" if table["metric"] else "metric"
+    lines = [f"{'candidate':<60}{header:>28}"]
     for row in table["candidates"]:
         value = "-" if row["metric"] is None else f"{row['metric']:.4f}"
         numbers = " ".join(f"#{i + 1}" for i in row["ingredients"])
@@ -298,7 +309,7 @@ def write_table(out: Path, table: dict, names: Sequence[str]) -> None:
     greedy = next((r["ingredients"] for r in table["candidates"] if r["candidate"] == "greedy soup"), [])
     with atomic_path(out / "soup.csv") as tmp, open(tmp, "w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["candidate", "ingredients", table["metric"], "kept_by_greedy"])
+        writer.writerow(["candidate", "ingredients", table["metric"] or "metric", "kept_by_greedy"])
         for row in table["candidates"]:
             single = len(row["ingredients"]) == 1 and not row["candidate"].endswith("soup")
             writer.writerow([row["candidate"], " ".join(names[i] for i in row["ingredients"]),
