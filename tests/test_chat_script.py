@@ -12,6 +12,7 @@ from PIL import Image
 from vlm.chat import Chat
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test starts the command in a subprocess (~8 s of CPU)
 
 
 @pytest.fixture(scope="module")
