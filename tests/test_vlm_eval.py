@@ -50,6 +50,9 @@ def test_bad_records_are_refused_naming_them(tmp_path):
     (tmp_path / "questions.jsonl").write_text(json.dumps({"image": "x.png", "question": "Q?", "options": ["a"], "answer": "C"}) + "\n")
     with pytest.raises(ValueError, match=r"record 1: answer 'C' is none of the 1 options"):
         benchmark.read_eval_set(tmp_path)
+    (tmp_path / "questions.jsonl").write_text('{"image": "x.png", "question": "Q?", "answer": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="record 2 is not a JSON object line"):
+        benchmark.read_eval_set(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no questions.jsonl"):
         benchmark.read_eval_set(tmp_path / "..")
 

@@ -20,13 +20,13 @@ reported per sample and left out of every score, with their count in the result.
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from vlm import metrics
+from vlm.formats import LLAVA_ROLES, read_records
 
 TASKS = ("vqa", "choice", "caption")
 QUESTION_FILES = ("questions.jsonl", "questions.json")
@@ -59,16 +59,12 @@ def read_eval_set(path: str | Path, image_root: str | Path | None = None) -> lis
 
 
 def _records(path: Path) -> list[tuple[int, dict]]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}: {error}") from error
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records")
-    return list(enumerate(records))
+    """vlm.formats' JSON / JSONL reader, strict: an evaluation set with a bad record is refused, not thinned."""
+    records = list(read_records(path))
+    if bad := [n for n, record in records if not isinstance(record, dict)]:
+        raise ValueError(f"{path}: record {bad[0]} is not a JSON object{' line' if path.suffix == '.jsonl' else ''} "
+                         f"({len(bad)} such records); fix or remove them")
+    return records
 
 
 def _folder_item(record: dict, root: Path, where: str) -> Item:
@@ -106,7 +102,7 @@ def _llava_items(record: dict, root: Path, where: str) -> list[Item]:
         image, turns = record["image"], record["conversations"]
         image = image[0] if isinstance(image, list) and len(image) == 1 else image
         pairs = [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)
-                 if turns[i]["from"] in ("human", "user") and turns[i + 1]["from"] in ("gpt", "assistant")]  # fmt: skip
+                 if LLAVA_ROLES.get(turns[i]["from"]) == "user" and LLAVA_ROLES.get(turns[i + 1]["from"]) == "assistant"]  # fmt: skip
     except (KeyError, TypeError, IndexError) as error:
         raise ValueError(f"{where}: not a LLaVA conversation with one image ({error!r})") from error
     if not isinstance(image, str) or not pairs:
