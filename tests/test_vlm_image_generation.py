@@ -97,6 +97,8 @@ def test_a_generation_batch_has_no_text_loss_and_an_understanding_batch_no_code_
     text = torch.tensor([[BOS, IMAGE, *[IMAGE] * 15, 5, 6, 7]])
     out = model(text, pixel_values=torch.rand(1, 3, 32, 32), labels=text)
     assert out.image_loss is None and out.image_logits is None and out.loss is out.text_loss
+    none_written = model(text, pixel_values=torch.rand(1, 3, 32, 32), labels=text, image_codes=torch.zeros(0, T).long())
+    assert none_written.image_logits.shape == (0, T, 64) and none_written.image_loss is None
     out.loss.backward()
     assert all(p.grad is None for p in [*model.gen_head.parameters(), *model.gen_embed.parameters()])
 

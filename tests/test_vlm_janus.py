@@ -121,3 +121,15 @@ def test_save_pretrained_loads_back_into_transformers(janus, tmp_path):
         torch.testing.assert_close(back.decode_image_tokens(codes), hf.decode_image_tokens(codes), atol=0, rtol=0)
     again = VLM.from_pretrained(tmp_path).eval()
     assert again.generate_images(ids, attention_mask=mask, temperature=0.0).tolist() == expected.tolist()
+
+
+def test_a_janus_without_generation_config_says_what_is_missing(janus, tmp_path):
+    import shutil
+
+    _, _, source = janus
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, tmp_path / name)
+    model = VLM.from_pretrained(tmp_path)
+    ids, mask = _t2i()
+    with pytest.raises(ValueError, match="needs boi_token_id .* generation_config.json"):
+        model.generate_images(ids, attention_mask=mask)

@@ -94,7 +94,7 @@ def build(spec: dict, llm_width: int) -> tuple[dict, nn.Module, GenEmbed, GenHea
         vq = VQGAN.from_pretrained(options["path"])
     else:
         vq = VQGAN(VQGANConfig.from_dict(options["config"]))
-    vq.eval()  # frozen, as Janus's VQ model: codes are targets and outputs, never trained through
+    vq.eval().requires_grad_(False)  # frozen, as Janus's VQ model: codes are targets and outputs, never trained through
     spec["tokenizer"] = {"kind": "vqgan", "config": vq.config.to_dict()}
     codebook = vq.config.codebook_size
     embed = GenEmbed(codebook, spec["embed_dim"], llm_width, spec["aligner_depth"], spec["hidden_act"])
@@ -141,7 +141,8 @@ def image_logits(model: VLM, hidden: torch.Tensor, input_ids: torch.Tensor, n_wr
     positions = input_ids == model.config.generation["code_token_id"]
     before = torch.zeros_like(positions)
     before[:, :-1] = positions[:, 1:]
-    return model.gen_head(hidden[before]).view(n_written, model.codes_per_image, -1)
+    codebook = model.gen_tokenizer.config.codebook_size
+    return model.gen_head(hidden[before]).view(n_written, model.codes_per_image, codebook)
 
 
 # -- generation ---------------------------------------------------------------------------------------
