@@ -208,10 +208,21 @@ class LVM(nn.Module):
         start..start+L-1; their keys and values are written into `cache` and they attend to everything
         cached so far. -> logits [B, vocab] of the last position only: generation samples from nothing
         else, and with a vocabulary of 8292 the prefill's full logits would cost more than its last layer."""
+        return self.lm_head(self.hidden_cached(input_ids, cache, start, inputs_embeds))
+
+    def hidden_cached(
+        self,
+        input_ids: torch.Tensor | None,
+        cache: attention.KVCache,
+        start: int,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward_cached's final-norm hidden state [B, C] of the last position, before lm_head (another
+        head, such as a VLM's image-code head, may read it instead)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, C]
         stop = start + x.shape[1]
         attends = cache.attends(start, stop, self.config.attn_backend)
-        return self.lm_head(self._hidden(x, cache.positions(start, stop), attends)[:, -1])
+        return self._hidden(x, cache.positions(start, stop), attends)[:, -1]
 
     def _hidden(self, x, position_ids, attends: list[attention.Attend]) -> torch.Tensor:
         """Embeddings x [B, L, C] -> the final-norm hidden states [B, L, C]; attends[i] is layer i's attention."""

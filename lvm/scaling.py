@@ -3,8 +3,8 @@
     sizes    num_params / flops_per_token of any LVMConfig (the model's own counts, on the meta device)
     fits     fit_compute_law    L(C) = E + a C^-b                       (the compute frontier, pareto_frontier)
              fit_chinchilla     L(N, D) = E + A / N^alpha + B / D^beta  (Chinchilla's approach 3)
-             isoflop_minima     the loss-minimising N per compute budget (Chinchilla's approach 2),
-                                fit_power_law for N_opt(C) and D_opt(C)
+             fit_isoflop        Chinchilla's approach 2: per isoFLOP budget (isoflop_slices) a parabola in log N
+                                and its minimum (isoflop_minima), power laws N_opt(C) and D_opt(C) through them
 
 Both laws are fitted the way Hoffmann et al. (2022) and Epoch AI's replication (Besiroglu et al. 2024)
 do: in log-sum-exp form, log L = LSE(e, a_1 - alpha_1 log x_1, ..), minimising the Huber loss
@@ -236,39 +236,96 @@ def pareto_frontier(compute, loss) -> np.ndarray:
     return np.array(keep, dtype=int)
 
 
+def isoflop_slices(compute, budgets, tolerance: float = 0.03) -> np.ndarray:
+    """The isoFLOP budget each run was trained for: budgets[j] where the run's compute lies within
+    `tolerance` (relative) of it, NaN for runs on no budget. An isoFLOP run's whole-step count makes its
+    compute miss the budget by up to half a step; a grid run counts where its compute falls on a budget too."""
+    compute, budgets = np.asarray(compute, dtype=float), np.asarray(budgets, dtype=float)
+    slices = np.full(compute.shape, np.nan)
+    for budget in budgets:
+        slices[np.abs(compute / budget - 1) <= tolerance] = budget
+    return slices
+
+
+def isoflop_parabola(log_params: np.ndarray, loss: np.ndarray) -> np.ndarray | None:
+    """Coefficients (highest first) of the least-squares parabola of loss in log N, or None when it has no
+    minimum: fewer than three sizes, or a parabola opening downwards."""
+    if len(np.unique(log_params)) < 3:
+        return None
+    coefficients = np.polyfit(log_params, loss, 2)
+    return coefficients if coefficients[0] > 0 else None
+
+
 def isoflop_minima(params, compute, loss) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chinchilla's approach 2: per compute budget (runs sharing a `compute` value), a parabola in
-    log N through the losses, and its vertex. Returns (budgets, N_opt, L_opt) for the budgets with at
-    least three sizes and an upward parabola whose vertex lies among them (an isoFLOP profile with no
+    """Chinchilla's approach 2: per compute budget (runs sharing a `compute` value: isoflop_slices), a
+    parabola in log N through the losses, and its vertex. Returns (budgets, N_opt, L_opt) for the budgets with
+    at least three sizes and an upward parabola whose vertex lies among them (an isoFLOP profile with no
     minimum inside the sizes tried says nothing: its vertex would be an extrapolation)."""
     params, compute, loss = (np.asarray(v, dtype=float) for v in (params, compute, loss))
     found = []
     for budget in np.unique(compute):
         at = compute == budget
-        if at.sum() < 3:
-            continue
-        coefficients = np.polyfit(np.log(params[at]), loss[at], 2)
-        if coefficients[0] <= 0:
+        coefficients = isoflop_parabola(np.log(params[at]), loss[at])
+        if coefficients is None:
             continue
         vertex = -coefficients[1] / (2 * coefficients[0])
-        if not np.log(params[at]).min() < vertex < np.log(params[at]).max():
-            continue
-        found.append((budget, np.exp(vertex), np.polyval(coefficients, vertex)))
+        if np.log(params[at]).min() < vertex < np.log(params[at]).max():
+            found.append((budget, np.exp(vertex), np.polyval(coefficients, vertex)))
     return tuple(np.array(column) for column in zip(*found, strict=True)) if found else (np.array([]),) * 3
 
 
-def isoflop_points(params, compute, loss, budgets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs on a sizes x token-budgets grid -> points on isoFLOP slices: for each model size, its final
-    losses interpolated (in log compute) at each budget its runs span. Feed the result to isoflop_minima."""
+@dataclasses.dataclass
+class IsoflopFit:
+    """Approach 2: the isoFLOP minima and the power laws N_opt = k C^a, D_opt = C / (6 N_opt) ~ C^(1 - a)
+    through them (None with fewer than two minima). Their intervals come from a residual bootstrap: each slice's
+    fitted parabola plus residuals drawn from all slices' (the sizes are a design, not a sample, so they stay),
+    every parabola and vertex refitted. `draws` [bootstrap] of a; `redrawn` counts slice draws drawn again because
+    their parabola had no minimum."""
+
+    budgets: np.ndarray
+    params: np.ndarray  # N_opt per budget
+    loss: np.ndarray  # L at N_opt
+    N: PowerLaw | None
+    D: PowerLaw | None
+    draws: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    redrawn: int = 0
+
+
+def fit_isoflop(params, compute, loss, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> IsoflopFit:
+    """Chinchilla's approach 2 on isoFLOP runs: `compute` holds each run's budget (isoflop_slices; runs on no
+    budget are NaN and left out)."""
     params, compute, loss = (np.asarray(v, dtype=float) for v in (params, compute, loss))
-    points = []
-    for size in np.unique(params):
-        order = np.argsort(compute[params == size])
-        log_c, size_loss = np.log(compute[params == size][order]), loss[params == size][order]
-        for budget in budgets:
-            if log_c[0] <= np.log(budget) <= log_c[-1]:
-                points.append((size, budget, np.interp(np.log(budget), log_c, size_loss)))
-    return tuple(np.array(column) for column in zip(*points, strict=True)) if points else (np.array([]),) * 3
+    on = ~np.isnan(compute)
+    params, compute, loss = params[on], compute[on], loss[on]
+    budgets, optimal, optimal_loss = isoflop_minima(params, compute, loss)
+    if len(budgets) < 2:
+        return IsoflopFit(budgets, optimal, optimal_loss, None, None)
+    n_law = fit_power_law(budgets, optimal)
+    log_params = [np.log(params[compute == budget]) for budget in budgets]
+    fitted = [np.polyval(isoflop_parabola(x, loss[compute == b]), x) for x, b in zip(log_params, budgets, strict=True)]
+    residuals = np.concatenate([loss[compute == b] - f for b, f in zip(budgets, fitted, strict=True)])
+    residuals *= np.sqrt(len(residuals) / (len(residuals) - 3 * len(budgets)))  # least squares leaves them too small
+    rng = np.random.default_rng(seed)
+    draws, redrawn = [], 0
+    for _ in range(bootstrap):
+        vertices = []  # log N_opt per slice
+        for x, f in zip(log_params, fitted, strict=True):
+            for _ in range(1000):
+                coefficients = isoflop_parabola(x, f + rng.choice(residuals, len(f)))
+                if coefficients is not None:
+                    break
+                redrawn += 1
+            else:
+                raise ValueError(f"an isoFLOP slice of {len(f)} runs had no minimum in 1000 bootstrap draws: its "
+                                 "profile is flat within the noise; give it sizes further from its lowest loss")  # fmt: skip
+            vertices.append(-coefficients[1] / (2 * coefficients[0]))
+        draws.append(np.polyfit(np.log(budgets), vertices, 1)[0])
+    if draws:
+        n_law.interval = percentile_interval(draws, level)
+    # D_opt = C / (6 N_opt) = C^(1 - a) / (6 k): its exponent and interval mirror N_opt's.
+    d_interval = (1 - n_law.interval[1], 1 - n_law.interval[0]) if n_law.interval else None
+    d_law = PowerLaw(1 - n_law.exponent, 1 / (6 * n_law.coefficient), d_interval)
+    return IsoflopFit(budgets, optimal, optimal_loss, n_law, d_law, np.array(draws) if draws else None, redrawn)
 
 
 def load_chinchilla(path: str | Path = CHINCHILLA_CSV, drop_highest: int = 5) -> tuple[np.ndarray, ...]:

@@ -1,6 +1,10 @@
 """The sweep runner: one training through `train.py` per model size x number of steps, and its table.
 
     python -m lvm.sweep --out runs/scaling --sizes 64x2,128x2 --steps 20,40 [--jobs 2] [-- train.py args]
+    python -m lvm.sweep --out runs/scaling --isoflop 2e10,8e10 --isoflop-sizes 8x1,16x1,32x1 --tokens-per-step 1032 [-- ..]
+
+The first trains every size for every number of steps; the second is Chinchilla's isoFLOP design (approach 2):
+for each compute budget C, each size for the steps that spend C = 6 N D (isoflop_runs). Both can be given at once.
 
 `--config configs/aim/demo.yaml` sweeps AIM (next-patch regression on images) instead: its tokens are
 patches, and its runs give the same table.
@@ -44,6 +48,32 @@ def size_overrides(hidden: int, layers: int) -> dict:
     heads = max(1, hidden // HEAD_DIM)
     return dict(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads,
                 intermediate_size=16 * -(-8 * hidden // (3 * 16)))  # fmt: skip
+
+
+def sized_model_overrides(base: dict, hidden: int, layers: int) -> dict:
+    """The model_overrides of a train.py config (a loaded YAML dict) for one sweep size."""
+    sized = size_overrides(hidden, layers)
+    if is_aim(base):
+        del sized["num_kv_heads"]  # AIM attends with as many key/value heads as query heads
+    return {**(base["model"]["init_args"].get("model_overrides") or {}), **sized}
+
+
+def isoflop_runs(config: str | Path, sizes: Sequence[tuple[int, int]], budgets: Sequence[float], tokens_per_step: int,
+                 min_steps: int = 50, max_steps: int | None = None) -> list[tuple[tuple[int, int], int]]:  # fmt: skip
+    """Chinchilla's isoFLOP design: ((hidden, layers), steps) for each budget C and size, the steps that spend
+    C = 6 N D with D = steps x tokens_per_step (rounded), N the size's non-embedding parameters under the model of
+    `config` (a train.py config). A size whose run would be shorter than `min_steps` is left out of that budget
+    (its warmup and the first steps' fast fall would be most of its loss), and so is one longer than `max_steps`
+    (on a small data set it would see each example too many times)."""
+    base = yaml.safe_load((ROOT / config).read_text())
+    runs = []
+    for budget, (hidden, layers) in itertools.product(budgets, sizes):
+        sized = {"model": {**base["model"], "init_args": {**base["model"]["init_args"],
+                                                            "model_overrides": sized_model_overrides(base, hidden, layers)}}}  # fmt: skip
+        steps = round(budget / (6 * num_params(model_config(sized), non_embedding=True) * tokens_per_step))
+        if min_steps <= steps <= (max_steps or steps):
+            runs.append(((hidden, layers), steps))
+    return runs
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -136,10 +166,7 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     base = yaml.safe_load(Path(base_config).read_text())
-    sized = size_overrides(hidden, layers)
-    if is_aim(base):
-        del sized["num_kv_heads"]  # AIM attends with as many key/value heads as query heads
-    overrides = {**(base["model"]["init_args"].get("model_overrides") or {}), **sized}
+    overrides = sized_model_overrides(base, hidden, layers)
     overlay = {
         "trainer": {
             "max_steps": steps, "val_check_interval": steps, "check_val_every_n_epoch": None,
@@ -163,15 +190,17 @@ def run_one(run_dir: Path, base_config: str, hidden: int, layers: int, steps: in
 
 def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int], config: str = "configs/lvm/demo.yaml",
           log_every: int = 1, train_args: Sequence[str] = (), jobs: int = 1, train: bool = True,
-          progress=print) -> list[dict]:  # fmt: skip
-    """Train every (hidden, layers) size for every number of steps under out/runs/, skipping runs that
-    finished before, and write out/sweep.csv with one row per run (COLUMNS, sizes x steps order). Returns the rows.
+          runs: Sequence[tuple[tuple[int, int], int]] = (), progress=print) -> list[dict]:  # fmt: skip
+    """Train every (hidden, layers) size for every number of steps, then the ((hidden, layers), steps) `runs`
+    (isoflop_runs) not among them, under out/runs/, skipping runs that finished before, and write out/sweep.csv
+    with one row per run (COLUMNS, in that order). Returns the rows.
     Runs train cheapest first (size x steps), `jobs` at a time: a sweep stopped early still has every size's
     short runs. `train=False` trains nothing and tabulates the finished runs only (a sweep still running, or
     stopped: fit what is there). A run is named by its size and steps only: give each setting of `config` / `train_args` its own `out`."""
     out = Path(out).resolve()
     config = str(ROOT / config)  # train.py runs in the repository: relative paths are relative to it
     grid = list(itertools.product(sizes, steps))
+    grid += [key for key in dict.fromkeys(runs) if key not in grid]  # an isoFLOP run the grid has is trained once
     dirs = {key: out / "runs" / f"h{key[0][0]}-l{key[0][1]}-s{key[1]}" for key in grid}
     todo = [key for key in grid if not (dirs[key] / "finished").exists()]
     for key in grid:
@@ -191,15 +220,38 @@ def sweep(out: str | Path, sizes: Sequence[tuple[int, int]], steps: Sequence[int
         for _ in pool.map(train_one, todo):  # re-raises the first failure
             pass
     rows = [run_record(dirs[key]) for key in grid]
-    with open(out / TABLE, "w", newline="") as f:
+    write_table(rows, out / TABLE)
+    return rows
+
+
+def write_table(rows: Sequence[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return rows
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a sweep.csv, typed as run_record makes them (a run without a loss has None)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and set(rows[0]) != set(COLUMNS):
+        raise ValueError(f"{path} is not a sweep table: its columns are {list(rows[0])}, expected {list(COLUMNS)}")
+    floats = ("train_loss", "val_loss")
+    return [{key: r[key] if key == "run" else (float(r[key]) if r[key] else None) if key in floats else int(r[key])
+             for key in COLUMNS} for r in rows]  # fmt: skip
 
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in size.split("x")) for size in text.split(",")] if text else []
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -209,15 +261,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m lvm.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--out", required=True, help="sweep directory: runs/ and sweep.csv")
-    parser.add_argument("--sizes", required=True, help="HIDDENxLAYERS,.. e.g. 64x2,128x2")
-    parser.add_argument("--steps", required=True, type=_ints, help="optimiser steps per run, e.g. 20,40")
+    parser.add_argument("--sizes", default="", help="HIDDENxLAYERS,.. e.g. 64x2,128x2: each trained for each --steps")
+    parser.add_argument("--steps", default=[], type=_ints, help="optimiser steps per run, e.g. 20,40")
+    parser.add_argument("--isoflop", default=[], type=_floats, help="compute budgets C = 6ND, e.g. 2e10,8e10: "
+                        "each --isoflop-sizes size trained for the steps that spend C")
+    parser.add_argument("--isoflop-sizes", default="", help="HIDDENxLAYERS,.. of the --isoflop runs")
+    parser.add_argument("--tokens-per-step", type=int, help="tokens per optimiser step of the --isoflop runs "
+                        "(batch_size x seq_len x accumulation x ranks)")
+    parser.add_argument("--min-steps", type=int, default=50, help="leave out --isoflop runs shorter than this")
+    parser.add_argument("--max-steps", type=int, help="leave out --isoflop runs longer than this")
     parser.add_argument("--config", default="configs/lvm/demo.yaml", help="train.py config (model preset, data)")
     parser.add_argument("--log-every", type=int, default=1, help="log the training loss every N steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (CPU: one per core, OMP_NUM_THREADS=1)")
     parser.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs finished so far")
     args = parser.parse_args(argv)
-    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
-    rows = sweep(args.out, sizes, args.steps, args.config, args.log_every, train_args, args.jobs, args.train)
+    if not (args.sizes and args.steps) and not (args.isoflop and args.isoflop_sizes):
+        parser.error("nothing to train: give --sizes and --steps, or --isoflop and --isoflop-sizes (or both)")
+    if args.isoflop and not args.tokens_per_step:
+        parser.error("--isoflop needs --tokens-per-step (batch_size x seq_len x accumulation x ranks of the runs)")
+    runs = isoflop_runs(args.config, _sizes(args.isoflop_sizes), args.isoflop, args.tokens_per_step, args.min_steps,
+                        args.max_steps) if args.isoflop else []  # fmt: skip
+    rows = sweep(args.out, _sizes(args.sizes), args.steps, args.config, args.log_every, train_args, args.jobs,
+                 args.train, runs)  # fmt: skip
     print(f"{len(rows)} runs -> {Path(args.out) / TABLE}")
     return rows
 

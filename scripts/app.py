@@ -4,7 +4,8 @@
     python -m scripts.app --lvm .. --tokenizer .. --vlm DIR [--vlm-tokenizer DIR]              # + VLM chat
 
 Tabs: in-context (example pairs + a query -> answer candidates; held-out procedural analogies as
-presets), video (frames -> the next frames), VLM chat (with --vlm; scripts/app_chat.py), model info. Requests go through Gradio's queue one
+presets), video (frames -> the next frames), VLM chat (with --vlm; scripts/app_chat.py), Draw (with a --vlm that
+writes images: caption and optional examples -> images; scripts/app_draw.py), model info. Requests go through Gradio's queue one
 model call at a time (CPU: a second call would only halve the speed of both). Uploads are checked
 as they arrive, outside that queue, so a bad file is answered at once on the page even while
 another visitor's generation runs; no error shows a stack trace and the server keeps serving.
@@ -34,9 +35,11 @@ from lvm.prompting import (
     check_analogy_count,
     save_png,
 )
-from scripts.app_chat import Chat, chat_tab
+from scripts.app_chat import chat_tab
+from scripts.app_draw import draw_tab
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
+from vlm.chat import Chat
 
 DEMO_LVM, DEMO_TOKENIZER = "runs/demo/lvm/export", "runs/demo/tokenizer/export"  # where `make demo` exports
 MODEL_CALLS = "model"  # the one concurrency group every generation shares
@@ -328,6 +331,9 @@ def build_app(app: App) -> gr.Blocks:
         if app.chat is not None:
             with gr.Tab("VLM chat", id="chat"):
                 chat_tab(app.chat, MODEL_CALLS)
+            if app.chat.vlm.config.generation is not None:  # a VLM that also writes images
+                with gr.Tab("Draw", id="draw"):
+                    draw_tab(app.chat, MODEL_CALLS)
 
         with gr.Tab("Model info", id="info"):
             gr.Markdown(app.info(), elem_id="model-info")

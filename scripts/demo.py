@@ -10,6 +10,8 @@
    labelled grid per task
 5. vlm: a small VLM (ViT + connector + the LVM transformer with a BPE vocabulary) trained align -> SFT on
    procedural scenes, scored on held-out scenes against a blank image and the majority answer (vlm/demo.py)
+6. unified: that VLM given a generation side (the stage-1 VQGAN) learns to draw scenes from captions;
+   the scene renderer scores the drawn attributes against an empty and a shuffled caption (vlm/unified_demo.py)
 
 Each stage is one function that takes the output directory (and what earlier stages made) and returns
 its metrics; `main` runs them in order, then `report` writes <out>/metrics.json (one entry per stage),
@@ -26,8 +28,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from data.photos import embedded_photos
 from data.shards import write_manifest
 from data.sources import sentences_from_spec
@@ -39,8 +39,9 @@ from lvm.figures import reconstruction_figure, save_task_grids, summary_figure
 from lvm.prompting import InContextPrompter, save_png
 from scripts.demo_aim import aim_stage, print_aim
 from tokenizer import VQGAN, to_pil, to_tensor
-from tokenizer.images import psnr
+from tokenizer.images import reconstruction_psnr
 from vlm import demo as vlm_demo
+from vlm import unified_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -84,13 +85,6 @@ def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
         command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     subprocess.run([*command, *extra_args], check=True, env={**os.environ, **QUIET_ENV})
     return exported
-
-
-@torch.no_grad()
-def reconstruction_psnr(vq: VQGAN, images: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Mean PSNR (dB) of `images` [B, 3, H, W] after encode -> decode, and the reconstructions."""
-    recon = vq.decode(vq.encode(images))
-    return float(psnr(recon, images).mean()), recon
 
 
 def tokenizer_stage(out: Path, settings: dict) -> tuple[VQGAN, dict]:
@@ -160,6 +154,9 @@ def report(out: Path, metrics: dict, examples: dict) -> list[Path]:
     if "vlm" in metrics:
         print("\n" + "\n".join(vlm_demo.table_lines(metrics["vlm"])))
         pictures.append(out / "vlm" / "qa_grid.png")
+    if "unified" in metrics:
+        print("\n" + "\n".join(unified_demo.table_lines(metrics["unified"])))
+        pictures.append(Path(metrics["unified"]["grid"]))
     print("\npictures:\n" + "\n".join(f"  {path}" for path in pictures) + f"\nmetrics: {out / 'metrics.json'}")
     return pictures
 
@@ -174,18 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
 
-    print("== 1/6 tokenizer", flush=True)
+    print("== 1/7 tokenizer", flush=True)
     vq, metrics["tokenizer"] = tokenizer_stage(out, settings)
-    print("== 2/6 shards", flush=True)
+    print("== 2/7 shards", flush=True)
     train_dir, val_dir, metrics["shards"] = shards_stage(out, vq, settings)
-    print("== 3/6 lvm", flush=True)
+    print("== 3/7 lvm", flush=True)
     model = lvm_stage(out, train_dir, val_dir, settings)
-    print("== 4/6 held-out analogies", flush=True)
+    print("== 4/7 held-out analogies", flush=True)
     metrics["analogies"], examples = analogies_stage(out, model, vq, settings)
-    print("== 5/6 aim: train aim_demo, probe it beside the LVM", flush=True)
+    print("== 5/7 aim: train aim_demo, probe it beside the LVM", flush=True)
     metrics["aim"] = aim_stage(out, vq, model, train_with_cli, smoke=args.smoke)
-    print("== 6/6 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
+    print("== 6/7 vlm: align -> SFT on procedural scenes, scored on held-out scenes", flush=True)
     metrics["vlm"] = vlm_demo.run(out, train_with_cli, smoke=args.smoke)
+    print("== 7/7 unified: the VLM learns to draw scenes too, scored by the scene renderer", flush=True)
+    metrics["unified"] = unified_demo.run(out, train_with_cli, smoke=args.smoke)
     print_aim(metrics["aim"])
 
     report(out, metrics, examples)  # last: the console ends with the tables and the pictures' paths

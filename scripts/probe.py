@@ -18,6 +18,7 @@ import torch
 
 from data.labelled import DATASETS, labelled
 from lvm.probe import Encoder, aim_encoder, lvm_encoder, probe_top1
+from vlm.soup import saved_kind
 
 
 def load_encoder(model: str | None, tokenizer: str | None, vlm_encoder: str | None,
@@ -32,12 +33,14 @@ def load_encoder(model: str | None, tokenizer: str | None, vlm_encoder: str | No
     if model in PRESETS:
         aim = AIM(AIMConfig.from_name(model)).eval()
         return aim_encoder(aim, layers), aim.config.image_size
-    config_file = Path(model) / "config.json"
-    if not config_file.exists():
+    if not (Path(model) / "config.json").exists():
         raise SystemExit(f"--model {model}: neither an AIM preset ({', '.join(PRESETS)}) nor a directory with config.json")
-    if "patch_size" in json.loads(config_file.read_text()):  # AIM.save_pretrained's config
+    kind = saved_kind(model)
+    if kind == "aim":
         aim = AIM.from_pretrained(model).eval()
         return aim_encoder(aim, layers), aim.config.image_size
+    if kind != "lvm":
+        raise SystemExit(f"--model {model} holds a saved {kind}: the probe takes an AIM or an LVM")
     if not tokenizer:
         raise SystemExit(f"--model {model} is an LVM: pass --tokenizer DIR (the VQGAN its tokens come from)")
     from lvm import LVM

@@ -11,6 +11,12 @@ jobs whose output exists are skipped, so an interrupted batch resumes:
     python scripts/prompt.py --model .. --tokenizer .. --jobs prompts.jsonl
 
 Grids: one row per candidate, prompt | generation | ground truth.
+
+Drawing from text with a VLM that writes images (configs/unified; --model is the VLM, --tokenizer its text
+tokenizer), after (image, caption) examples for in-context generation (EMU2); the grid: caption | examples | drawn:
+    python scripts/prompt.py --model runs/demo/unified/export --tokenizer runs/demo/vlm/tokenizer \
+        --draw "a small red circle on the left on a plain white background" --example a.png "a blue square ..." \
+        --candidates 4 --temperature 1.0 --out drawn.png
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", nargs="+", help="prompt images, in sentence order")
     inputs.add_argument("--jobs", help="jsonl of prompts, one per line")
+    inputs.add_argument("--draw", metavar="CAPTION", help="draw CAPTION with a VLM that writes images")
+    parser.add_argument("--example", nargs=2, action="append", default=[], metavar=("IMAGE", "CAPTION"),
+                        help="an in-context example for --draw (repeatable)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance of --draw")
     parser.add_argument("--out", help="grid PNG for --images")
     parser.add_argument("--truth", nargs="+", default=[], help="known answer / next frames, shown in the grid")
     parser.add_argument("--mode", choices=MODES, default="analogy", help="default mode of jsonl lines too")
@@ -44,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=1, help="generations per prompt")
     parser.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists")
     args = parser.parse_args(argv)
-    if args.images and not args.out:
-        parser.error("--images needs --out")
+    if (args.images or args.draw) and not args.out:
+        parser.error("--images and --draw need --out")
+    if args.draw:
+        return draw_main(args)
 
     try:
         if args.jobs:
@@ -60,6 +72,27 @@ def main(argv: list[str] | None = None) -> None:
     for job in tqdm(todo, desc="prompts", unit="prompt", disable=len(todo) < 2):
         job.run(prompter, args.candidates, **sampling_from_args(args)).save_grid(job.output)
     print(f"wrote {len(todo)} grid(s), skipped {len(jobs) - len(todo)} already written")
+
+
+def draw_main(args: argparse.Namespace) -> None:
+    """--draw: `candidates` images of the caption (seeds seed, seed + 1, ...) after the examples, as one grid."""
+    from tokenizer.images import resolve_image
+    from vlm.chat import Chat
+    from vlm.draw import draw
+    from vlm.unified_demo import save_draw_grid
+
+    try:
+        examples = [(caption, resolve_image(path, "--example image")) for path, caption in args.example]
+        chat = Chat.load(args.model, args.tokenizer, args.device)
+        options = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
+                   "top_p": args.top_p}  # fmt: skip
+        drawn = [draw(chat, [args.draw], examples, seed=(args.seed or 0) + i, **options)[0] for i in range(args.candidates)]
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    size = drawn[0].size
+    columns = {f"example {i + 1}": [image.convert("RGB").resize(size)] for i, (_, image) in enumerate(examples)}
+    save_draw_grid(Path(args.out), [args.draw], {**columns, **{f"drawn {i + 1}": [im] for i, im in enumerate(drawn)}})
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

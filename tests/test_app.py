@@ -16,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_vlm
 from PIL import Image
 
 from data.procedural import moving_shapes, procedural_seeds
 from lvm import LVM, LVMConfig
 from lvm.evaluation import heldout_analogies
 from lvm.prompting import InContextPrompter
-from scripts.app_chat import Chat
 from tokenizer import VQGAN
 from tokenizer.images import resolve_image
-from vlm import VLM, VLMConfig
-from vlm.text import train_default_tokenizer
+from vlm.chat import Chat
 
 pytestmark = pytest.mark.slow  # a live Gradio server and browser sessions
 
@@ -73,30 +72,6 @@ def files(tmp_path_factory):
     Image.new("RGB", (40, 30), "red").save(root / "red.png")
     save_tiny_vlm(root / "vlm")
     return root, prompt
-
-
-def save_tiny_vlm(directory: Path) -> None:
-    """A random VLM (32 px CLIP encoder, 2-layer LVM text decoder) with a small BPE tokenizer beside it."""
-    texts = [
-        "a red circle on a white background",
-        "What colour is the square? blue",
-        "How many shapes? three",
-    ]
-    tokenizer = train_default_tokenizer(directory, texts=texts * 4, vocab_size=300)
-    encoder = dict(
-        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4,
-    )  # fmt: skip
-    llm = dict(
-        name="text", vocab_size=len(tokenizer), codebook_size=0, hidden_size=48, intermediate_size=96,
-        num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=512,
-    )  # fmt: skip
-    config = VLMConfig(
-        encoder={"kind": "hf", "config": encoder}, llm={"kind": "lvm", "config": llm},
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    VLM(config).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +227,10 @@ def test_chat_answer_streams_token_by_token(chat, files):
     root, _ = files
     image = Image.open(root / "red.png")
     turns = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
-    updates = list(chat.answer(turns, [image], max_new_tokens=8, temperature=0))
-    input_ids, pixel_values = chat.prompt(turns, [image])
+    updates = list(chat.stream(turns, [image], max_new_tokens=8, temperature=0))
+    input_ids, pixel_values = chat.prompt_ids(turns, [image])
     ids = chat.vlm.generate(
-        input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=8, eos_token_id=chat.stop_ids
+        input_ids=torch.tensor([input_ids]), pixel_values=pixel_values, max_new_tokens=8, eos_token_id=chat.stop_ids
     )
     assert len(updates) == ids.shape[1]
     assert updates[-1] == chat.tokenizer.decode(ids[0].tolist(), skip_special_tokens=True)
@@ -276,9 +251,9 @@ def test_vlm_chat_keeps_history(server, browser, files, chat):
     root, _ = files
     image = Image.open(root / "red.png")
     first = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
-    answer = list(chat.answer(first, [image], 16, 0.0))[-1]
+    answer = list(chat.stream(first, [image], 16, 0.0))[-1]
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And its shape?"}]
-    follow_up = list(chat.answer(second, [image], 16, 0.0))[-1]
+    follow_up = list(chat.stream(second, [image], 16, 0.0))[-1]
 
     page = open_page(browser, server)
     page.get_by_role("tab", name="VLM chat").click()

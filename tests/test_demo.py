@@ -37,6 +37,12 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert set(vlm["caption_f1"]) == {"model", "blank_image"}
     assert (tmp_path / "vlm" / "qa_grid.png").exists() and (tmp_path / "vlm" / "sft" / "export" / "config.json").exists()
     assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
+    unified = metrics["unified"]
+    assert set(unified["t2i_attribute_accuracy"]) == {"model", "unconditional", "shuffled_caption", "vq_round_trip"}
+    assert all(0 <= v <= 1 for v in unified["t2i_attribute_accuracy"].values())
+    assert set(unified["i2t_exact_match"]) == {"model", "blank_image", "text_only"}
+    assert (tmp_path / "unified" / "draw_grid.png").exists()
+    assert (tmp_path / "unified" / "export" / "model.safetensors").exists()
 
     # labelled grids, one per task: a header row above one row per held-out prompt, images >= 96 px
     grids = {Path(p).stem: Image.open(p) for p in scores["grids"]}
@@ -50,7 +56,7 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert all(task in tail for task in TASKS) and str(tmp_path / "summary.png") in tail
     assert "wandb:" not in first.stdout + first.stderr and "LeafSpec" not in first.stderr
 
-    exports = [tmp_path / stage / "export" / "model.safetensors" for stage in ("tokenizer", "lvm")]
+    exports = [tmp_path / stage / "export" / "model.safetensors" for stage in ("tokenizer", "lvm", "unified")]
     written = [path.stat().st_mtime_ns for path in exports]
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -61,16 +61,40 @@ def test_compute_optimal_split_minimises_the_loss_at_fixed_compute():
     assert sizes[np.argmin(losses)] == pytest.approx(params, rel=0.03)
 
 
-def test_isoflop_minima_of_a_sizes_by_steps_grid_find_the_optimal_size():
-    sizes = np.logspace(8, 10, 9)
-    tokens = np.logspace(9, 12, 13)
-    params, steps = (grid.ravel() for grid in np.meshgrid(sizes, tokens))
-    compute = 6 * params * steps
-    budgets = np.array([1e19, 1e20])
-    points = scaling.isoflop_points(params, compute, TRUE.predict(params, steps), budgets)
-    found, optimal, _ = scaling.isoflop_minima(*points)
-    np.testing.assert_allclose(found, budgets)
-    np.testing.assert_allclose(np.log(optimal), np.log(TRUE.compute_optimal(budgets)[0]), atol=0.15)
+def isoflop_runs(seed: int, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An isoFLOP design on TRUE: 4 budgets over 3 decades, 7 sizes from 1/8 to 8x each budget's optimum,
+    each trained for C / 6N tokens; (params, budget, loss) with `noise` relative noise on the losses."""
+    budgets = np.logspace(18, 21, 4)
+    budget, factor = (grid.ravel() for grid in np.meshgrid(budgets, np.geomspace(1 / 8, 8, 7)))
+    params = TRUE.compute_optimal(budget)[0] * factor
+    loss = TRUE.predict(params, budget / (6 * params)) * np.exp(np.random.default_rng(seed).normal(0, noise, params.size))
+    return params, budget, loss
+
+
+def test_isoflop_fit_finds_the_optimal_sizes_and_exponents_with_intervals():
+    params, budget, loss = isoflop_runs(seed=0, noise=0.003)
+    fit = scaling.fit_isoflop(params, budget, loss, bootstrap=200)
+    np.testing.assert_allclose(fit.budgets, np.logspace(18, 21, 4))
+    np.testing.assert_allclose(np.log(fit.params), np.log(TRUE.compute_optimal(fit.budgets)[0]), atol=0.25)
+    truth = TRUE.beta / (TRUE.alpha + TRUE.beta)  # Hoffmann et al.'s N_opt ~ C^a, a = beta / (alpha + beta)
+    assert fit.N.exponent == pytest.approx(truth, abs=0.03)
+    assert fit.N.interval[0] < truth < fit.N.interval[1] and fit.N.interval[1] - fit.N.interval[0] < 0.15
+    assert fit.N.exponent + fit.D.exponent == pytest.approx(1.0)  # C = 6 N D
+    assert fit.D.interval == pytest.approx((1 - fit.N.interval[1], 1 - fit.N.interval[0]))
+    assert fit.D.predict(1e20) == pytest.approx(1e20 / (6 * fit.N.predict(1e20)))
+    # Noisier losses: a wider interval about the same exponent.
+    noisy = scaling.fit_isoflop(*isoflop_runs(seed=0, noise=0.02), bootstrap=200)
+    assert noisy.N.interval[1] - noisy.N.interval[0] > fit.N.interval[1] - fit.N.interval[0]
+
+
+def test_isoflop_slices_put_each_run_on_the_budget_it_spent():
+    compute = np.array([1e15, 1.02e15, 0.98e15, 1.5e15, 4.1e15, 9e15])
+    slices = scaling.isoflop_slices(compute, [1e15, 4e15])
+    np.testing.assert_array_equal(slices[:3], 1e15)
+    assert np.isnan(slices[3]) and slices[4] == 4e15 and np.isnan(slices[5])
+    # Runs on no budget are left out of the fit, and a single slice gives no exponent.
+    fit = scaling.fit_isoflop([1e6, 2e6, 4e6, 1e6], [1e15, 1e15, 1e15, np.nan], [3.0, 2.9, 3.0, 1.0])
+    assert fit.params == pytest.approx([2e6], rel=0.01) and fit.N is None
 
 
 @pytest.mark.slow

@@ -42,3 +42,13 @@ def test_sweep_trains_each_run_once_and_tabulates_its_logs(tmp_path, monkeypatch
     assert trained == []
     assert sweep.main(argv) == rows
     assert trained == ["h32-l1-s2"]
+
+
+def test_isoflop_runs_spend_each_budget_and_leave_out_too_short_runs():
+    sizes = [(8, 1), (16, 1), (128, 2)]
+    runs = sweep.isoflop_runs("configs/lvm/demo.yaml", sizes, [2e10, 8e10], tokens_per_step=1032)
+    # 128x2 (N = 480k) would spend 8e10 in 27 steps: fewer than min_steps, so it is left out of both budgets.
+    assert [size for size, _ in runs] == [(8, 1), (16, 1), (8, 1), (16, 1)]
+    for (size, steps), budget in zip(runs, [2e10, 2e10, 8e10, 8e10], strict=True):
+        n = scaling.num_params(LVMConfig.from_name("vqlm_demo", **sweep.size_overrides(*size)), non_embedding=True)
+        assert abs(6 * n * steps * 1032 - budget) <= 6 * n * 1032 / 2  # within half a step of the budget

@@ -10,6 +10,7 @@ IN, OUT = 16, 32
 OPTIONS = {
     "linear": {},
     "mlp2x_gelu": {},
+    "janus_mlp": dict(depth=3),
     "downsample_mlp": {},
     "pixel_shuffle_mlp": {},
     "perceiver": dict(intermediate_size=40, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=4,
@@ -23,6 +24,7 @@ OPTIONS = {
 TOKENS = {
     "linear": lambda h, w: h * w,
     "mlp2x_gelu": lambda h, w: h * w,
+    "janus_mlp": lambda h, w: h * w,
     "downsample_mlp": lambda h, w: ((h + 1) // 2) * ((w + 1) // 2),
     "pixel_shuffle_mlp": lambda h, w: ((h + 1) // 2) * ((w + 1) // 2),
     "perceiver": lambda h, w: 5,

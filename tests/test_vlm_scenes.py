@@ -109,3 +109,14 @@ def test_scene_and_photo_samples():
     photos = list(photo_samples("val"))
     assert [p["id"] for p in photos] == [f"photo-{n}" for n in embedded_photo_names("val")]
     assert all(p["turns"][0]["content"].startswith("<image>\n") for p in photos)
+
+
+def test_wrong_captions_move_a_fraction_of_captions_to_other_scenes():
+    samples = list(scene_samples(20, "heldout", size=16, qa="none", wrong_captions=0.5))
+    assert [s["kind"] for s in samples] == ["caption"] * 20  # qa="none": captions only
+    own = {s["scene_seed"]: Scene.random(s["scene_seed"]).caption() for s in samples}
+    wrong = [s for s in samples if s["turns"][0]["content"] != f"<image>\n{own[s['scene_seed']]}"]
+    assert len(wrong) == 10 and [s["caption_true"] for s in samples].count(False) == 10
+    assert all(not s["caption_true"] and s["turns"][0]["content"][8:] in own.values() for s in wrong)
+    assert samples == list(scene_samples(20, "heldout", size=16, qa="none", wrong_captions=0.5))  # seeded
+    assert "caption_true" not in next(scene_samples(1, "heldout", size=16))

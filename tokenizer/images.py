@@ -103,3 +103,10 @@ def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """float [B] PSNR in dB of images in [0, 1] against references (capped at 100 dB for exact matches)."""
     mse = (images.float() - references.float()).pow(2).flatten(1).mean(1)
     return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+@torch.no_grad()
+def reconstruction_psnr(vq, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean PSNR (dB) of `images` [B, 3, H, W] in [0, 1] after a VQGAN's encode -> decode, and the reconstructions."""
+    recon = vq.decode(vq.encode(images))
+    return float(psnr(recon, images).mean()), recon

@@ -6,9 +6,9 @@
 
 Every connector has `forward(features, grid)`, `num_tokens(grid)` (tokens per image) and
 `expected_num_params()` (its documented parameter-count formula; tests check it against the module).
-The three that load a transformers family by parameter name are exact ports of that family's math:
+The four that load a transformers family by parameter name are exact ports of that family's math:
 `mlp2x_gelu` = LlavaMultiModalProjector, `pixel_shuffle_mlp` = InternVLModel.pixel_shuffle followed by
-InternVLMultiModalProjector, `perceiver` = Idefics2Connector.
+InternVLMultiModalProjector, `perceiver` = Idefics2Connector, `janus_mlp` = JanusVisionAlignerMLP.
 """
 
 import math
@@ -92,6 +92,31 @@ class MLP2xGelu(nn.Module):
     def expected_num_params(self) -> int:
         i, o, bias = self.linear_1.in_features, self.linear_1.out_features, self.linear_1.bias is not None
         return i * o + o * o + 2 * o * bias
+
+
+class DeepMLP(nn.Module):
+    """Janus's aligners (JanusVisionAlignerMLP; JanusVQVAEAlignerMLP, which also feeds generated codes in):
+    Linear(in, out), then depth-1 times act -> Linear(out, out), per token; names fc1 / hidden_layers.i as
+    transformers. Tokens: h*w. Params: in*out + out + (depth-1)*(out*out + out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.hidden_layers = nn.ModuleList(nn.Linear(out_dim, out_dim) for _ in range(1, depth))
+        self.act = _act(hidden_act)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        x = self.fc1(features if grid is None else _grid_map(features, grid).flatten(1, 2))  # [B, N, out]
+        for layer in self.hidden_layers:
+            x = layer(self.act(x))
+        return x
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        return grid[0] * grid[1]
+
+    def expected_num_params(self) -> int:
+        i, o = self.fc1.in_features, self.fc1.out_features
+        return i * o + o + len(self.hidden_layers) * (o * o + o)
 
 
 class FoldMLP(nn.Module):
@@ -379,6 +404,7 @@ class LDPv2(nn.Module):
 REGISTRY = {
     "linear": Linear,
     "mlp2x_gelu": MLP2xGelu,
+    "janus_mlp": DeepMLP,
     "downsample_mlp": downsample_mlp,
     "pixel_shuffle_mlp": pixel_shuffle_mlp,
     "perceiver": Perceiver,

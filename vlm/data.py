@@ -43,6 +43,20 @@ def expand_with_labels(ids: list[int], labels: list[int], image_id: int, counts:
     return expanded, expanded_labels
 
 
+def sample_document(tokenizer, processor, sample: dict, images: list) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """A shard sample and its PIL images -> (ids [L], labels [L], pixel tiles [n_tiles, 3, S, S]): turns
+    tokenized with answer-only labels (vlm.text.encode_turns), each `<image>` expanded to its image's token
+    count. What training sees of a sample, and what vlm.filter scores."""
+    from vlm.text import IMAGE_TOKEN, encode_turns
+
+    ids, labels = encode_turns(tokenizer, sample["turns"])
+    processed = processor(images)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, labels = expand_with_labels(ids, labels, image_id, processed.tokens_per_image)
+    labels[0] = IGNORE_INDEX  # nothing before a document predicts its first token
+    return ids, labels, processed.pixel_values
+
+
 class VLMStream(TokenStream):
     """Packed VLM batches; see the module docstring. `sources`: source names, whose index is a source id."""
 
@@ -78,41 +92,44 @@ class VLMStream(TokenStream):
 
     def pack(self, packer: Packer, sample) -> Iterator:
         sample, images = sample
-        document = self.document(sample, images)
+        yield from self.add(packer, sample, self.document(sample, images))
+
+    def add(self, packer: Packer, sample: dict, document, **payload) -> Iterator:
+        """Add one document (ids, labels, pixel tiles) of `sample` (None: skipped) with its images and source,
+        and any further `payload` fields; yields the rows it completes."""
         if document is None:
             return
         ids, labels, pixels = document
         source = self.sources.index(sample["source"]) if sample.get("source") in self.sources else -1
-        yield from packer.add_document(ids, labels, payload={"pixels": pixels, "source": source})
+        yield from packer.add_document(ids, labels, payload={"pixels": pixels, "source": source, **payload})
         if not self.pack_rows:  # one sample per row (transformers LLMs take no block-diagonal mask)
             yield from packer.flush()
 
     def document(self, sample: dict, images: list) -> tuple[np.ndarray, np.ndarray, torch.Tensor] | None:
         """One sample -> (ids, labels, pixel tiles), or None (counted and logged) when it cannot fit a row."""
-        from vlm.text import IMAGE_TOKEN, encode_turns
-
-        ids, labels = encode_turns(self.tokenizer, sample["turns"])
-        processed = self.processor(images)
-        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        ids, labels = expand_with_labels(ids, labels, image_id, processed.tokens_per_image)
+        ids, labels, pixels = sample_document(self.tokenizer, self.processor, sample, images)
         if len(ids) > self.seq_len:
             log.warning("sample %s: %d tokens with its images, more than seq_len %d: skipped",
                         sample.get("id"), len(ids), self.seq_len)
             return None
-        labels[0] = IGNORE_INDEX  # nothing in the row before a document predicts its first token
-        return ids, labels, processed.pixel_values
+        return ids, labels, pixels
 
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         batch = collate_rows(rows)
         payloads = [p for row in rows for p in row.payloads]
         size = self.processor.tile_size
         batch["pixel_values"] = torch.cat([p["pixels"] for p in payloads]) if payloads else torch.zeros(0, 3, size, size)
-        sources = torch.full_like(batch["input_ids"], -1)
-        for b, row in enumerate(rows):
-            for doc, payload in enumerate(row.payloads):
-                sources[b][batch["document_ids"][b] == doc] = payload["source"]
-        batch["source_ids"] = sources.masked_fill(batch["document_ids"] == PAD_DOCUMENT, -1)
+        batch["source_ids"] = document_field(rows, batch, "source")
         return batch
+
+
+def document_field(rows: list, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """long [B, L]: each token's document's payload[key] (an int), -1 on padding."""
+    values = torch.full_like(batch["input_ids"], -1)
+    for b, row in enumerate(rows):
+        for doc, payload in enumerate(row.payloads):
+            values[b][batch["document_ids"][b] == doc] = payload[key]
+    return values.masked_fill(batch["document_ids"] == PAD_DOCUMENT, -1)
 
 
 class VLMDataModule(TokenDataModule):

@@ -21,7 +21,8 @@ SMOKE = dict(train_scenes=8, heldout_scenes=2, align_steps=2, sft_steps=2, val_e
 def run(out: Path, train, smoke: bool = False) -> dict:
     """train(config, run_dir, extra_args) -> export dir: the demo's way to fit through train.py (scripts/demo.py)."""
     from vlm import VLM
-    from vlm.evaluation import Chat, score_scenes
+    from vlm.chat import Chat
+    from vlm.evaluation import score_scenes
     from vlm.prepare import prepare
     from vlm.text import load_text_tokenizer, train_default_tokenizer
 

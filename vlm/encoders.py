@@ -35,6 +35,7 @@ class VisionFeatures(NamedTuple):
 HF_TOWERS = {
     "clip_vision_model": ("CLIPVisionModel", True),
     "siglip_vision_model": ("SiglipVisionModel", False),
+    "janus_vision_model": ("JanusVisionModel", False),
     "internvl_vision": ("InternVLVisionModel", True),
     "idefics2_vision": ("Idefics2VisionTransformer", False),
 }

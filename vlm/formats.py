@@ -62,7 +62,7 @@ class SkipStats(collections.Counter):
 
 
 # -- readers --------------------------------------------------------------------------------------------
-def _records(path: Path) -> Iterator[tuple[int, object]]:
+def read_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line or index, record) of a JSON list or a JSONL file; a line that is not JSON comes as None."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
@@ -81,7 +81,7 @@ def read_llava(path: str | os.PathLike, image_root: str | os.PathLike | None = N
     A malformed record is yielded as {"error": BadSample} so that `validated` counts it."""
     path = Path(path)
     root, source = Path(image_root) if image_root else path.parent, source or path.stem
-    for index, record in _records(path):
+    for index, record in read_records(path):
         try:
             conversations = record["conversations"]
             turns = [{"role": LLAVA_ROLES[t["from"]], "content": str(t["value"])} for t in conversations]
@@ -162,7 +162,7 @@ def read_interleaved(path: str | os.PathLike, image_root: str | os.PathLike | No
     `images`, one of the two None at each position)."""
     path = Path(path)
     root, source = Path(image_root) if image_root else path.parent, source or path.stem
-    for index, record in _records(path):
+    for index, record in read_records(path):
         try:
             items = _obelics_items(record) if "texts" in record else _mmc4_items(record)
         except (KeyError, TypeError, ValueError, AttributeError) as error:

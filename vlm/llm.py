@@ -5,7 +5,9 @@ take `inputs_embeds`; generation goes through a KV cache either way (vlm/generat
     llm = build_llm({"kind": "lvm", "config": LVMConfig fields})      # ours: Llama-shaped, fastest here
     llm = build_llm({"kind": "hf", "config": Qwen2Config.to_dict()})  # any AutoModelForCausalLM config
     llm.embed(ids) [B, L, C];  llm(embeds, attention_mask) -> logits [B, L, V]
+    llm.hidden(embeds, attention_mask) -> final-norm hidden states [B, L, C];  llm.head(hidden) -> logits
     cache = llm.new_cache(pad, length);  llm.step(embeds, cache, start) -> logits [B, V] of the last slot
+    llm.step_hidden(embeds, cache, start) -> hidden [B, C] of the last slot (for another head: image codes)
 """
 
 from __future__ import annotations
@@ -34,11 +36,18 @@ class LVMTextModel(nn.Module):
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden(embeds, attention_mask, document_ids, position_ids))
+
+    def hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Packed rows pass document_ids (block-diagonal causal attention, -1 on padding) and position_ids;
         otherwise padding is a document of its own, so real tokens see real tokens only, as HF masks it."""
         if document_ids is None and attention_mask is not None and not bool(attention_mask.all()):
             document_ids = attention_mask.long() - 1
-        return self.model(inputs_embeds=embeds, document_ids=document_ids, position_ids=position_ids)
+        return self.model.hidden_states(inputs_embeds=embeds, document_ids=document_ids, position_ids=position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
 
     def new_cache(self, pad: torch.Tensor, length: int):
         from lvm.attention import KVCache
@@ -48,6 +57,9 @@ class LVMTextModel(nn.Module):
 
     def step(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
         return self.model.forward_cached(None, cache, start, inputs_embeds=embeds)
+
+    def step_hidden(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
+        return self.model.hidden_cached(None, cache, start, inputs_embeds=embeds)
 
 
 class HFTextModel(nn.Module):
@@ -78,13 +90,21 @@ class HFTextModel(nn.Module):
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden(embeds, attention_mask, document_ids, position_ids))
+
+    def hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The text model's last hidden state [B, L, C]: what the causal LM feeds its lm_head."""
         if document_ids is not None:
             if bool((document_ids > 0).any()):
                 raise ValueError("a transformers LLM takes one sample per row: set data.pack false (packing "
                                  "with block-diagonal attention needs the lvm LLM)")
             attention_mask = (document_ids >= 0).long()
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).logits
+        return self.model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
 
     def new_cache(self, pad: torch.Tensor, length: int):
         from transformers import DynamicCache
@@ -93,17 +113,19 @@ class HFTextModel(nn.Module):
         return {"cache": DynamicCache(config=self.model.config), "pad": pad, "real": slots[None] >= pad[:, None]}
 
     def step(self, embeds: torch.Tensor, cache: dict, start: int) -> torch.Tensor:
+        return self.head(self.step_hidden(embeds, cache, start))
+
+    def step_hidden(self, embeds: torch.Tensor, cache: dict, start: int) -> torch.Tensor:
         stop = start + embeds.shape[1]
         positions = (torch.arange(start, stop, device=embeds.device)[None] - cache["pad"][:, None]).clamp(min=0)
-        out = self.model(
+        out = self.model.model(
             inputs_embeds=embeds,
             attention_mask=cache["real"][:, :stop].long(),
             position_ids=positions,
             cache=cache["cache"],
             use_cache=True,
-            logits_to_keep=1,
         )
-        return out.logits[:, -1]
+        return out.last_hidden_state[:, -1]
 
 
 LLMS = {"lvm": LVMTextModel, "hf": HFTextModel}

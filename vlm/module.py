@@ -75,17 +75,28 @@ class VLMModule(L.LightningModule):
         self.save_hyperparameters()
         if (vlm is None) == (init_from is None):
             raise ValueError("give exactly one of model.vlm (a VLMConfig as a dict) and model.init_from (a saved VLM)")
-        if unknown := set(train_parts) - set(PARTS):
-            raise ValueError(f"unknown train_parts {sorted(unknown)}; valid parts: {', '.join(PARTS)}")
-        self.model = VLM.from_pretrained(init_from) if init_from else VLM(new_config(vlm, tokenizer))
+        if unknown := set(train_parts) - set(self.parts):
+            raise ValueError(f"unknown train_parts {sorted(unknown)}; valid parts: {', '.join(self.parts)}")
+        self.model = self.build_model()
         self.lora_parts = list((lora or {}).get("parts", []))
         self._freeze()
         if lora:
             self._add_lora(lora)
 
+    parts = PARTS  # what train_parts may name; a subclass with more parts extends it and `part`
+
+    def build_model(self) -> VLM:
+        """The VLM this stage trains, from hparams init_from or vlm (+ tokenizer)."""
+        if self.hparams.init_from:
+            return VLM.from_pretrained(self.hparams.init_from)
+        return VLM(new_config(self.hparams.vlm, self.hparams.tokenizer))
+
+    def part(self, name: str) -> torch.nn.Module:
+        return getattr(self.model, name)
+
     def _freeze(self) -> None:
-        for part in PARTS:
-            getattr(self.model, part).requires_grad_(part in self.hparams.train_parts)
+        for part in self.parts:
+            self.part(part).requires_grad_(part in self.hparams.train_parts)
 
     def _add_lora(self, lora: dict) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -122,8 +133,8 @@ class VLMModule(L.LightningModule):
     def configure_optimizers(self):
         part_lr = self.hparams.part_lr or {}
         groups = []
-        for part in PARTS:
-            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
+        for part in self.parts:
+            params = [p for p in self.part(part).parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": part_lr.get(part, self.hparams.learning_rate), "name": part})
         if not groups:

@@ -6,8 +6,9 @@ Sources (KIND:SPEC):
     table:FILE[:IMAGE_ROOT]    CSV / TSV with image and caption columns
     tars:PATH                  img2dataset webdataset tars (jpg + txt), a tar or a folder of them
     mmc4:FILE[:IMAGE_ROOT]     interleaved documents (MMC4-style JSONL)
-    scenes:N[:SPLIT[:SIZE[:QA]]]  N procedural scenes (vlm.scenes; split train|heldout, SIZE px (64), QA single
-                               (a conversation per question, default) or multi (one per scene))
+    scenes:N[:SPLIT[:SIZE[:QA[:WRONG]]]]  N procedural scenes (vlm.scenes; split train|heldout, SIZE px (64), QA
+                               single (a conversation per question, default), multi (one per scene) or none
+                               (captions only); WRONG: the fraction of captions moved to another scene (0))
     photos[:SPLIT]             the embedded photos with their captions (all|train|val)
 
 A shard set:
@@ -73,8 +74,8 @@ def samples_from_spec(spec: str) -> Iterator[dict]:
 
 def _scenes(rest: str) -> Iterator[dict]:
     fields = rest.split(":")
-    count, split, size, qa = fields + ["", "train", "64", "single"][len(fields) :]
-    return scenes.scene_samples(int(count), split, int(size), qa=qa)
+    count, split, size, qa, wrong = fields + ["", "train", "64", "single", "0"][len(fields) :]
+    return scenes.scene_samples(int(count), split, int(size), qa=qa, wrong_captions=float(wrong))
 
 
 def prepare(
@@ -85,7 +86,7 @@ def prepare(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     out = Path(out)
-    _claim_settings(out, {"format": FORMAT, "sources": list(sources), "shard_size": shard_size})
+    claim_settings(out, {"format": FORMAT, "sources": list(sources), "shard_size": shard_size})
     stream = itertools.chain.from_iterable(samples_from_spec(spec) for spec in sources)
     batches = iter(lambda: list(itertools.islice(stream, shard_size)), [])
     written = 0
@@ -100,7 +101,8 @@ def prepare(
     return manifest
 
 
-def _claim_settings(out: Path, settings: dict) -> None:
+def claim_settings(out: Path, settings: dict) -> None:
+    """Record `settings` in out/prepare.json, or check that a resumed run uses the ones recorded there."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_FILE
     if path.exists():

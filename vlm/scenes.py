@@ -15,8 +15,11 @@ from __future__ import annotations
 import collections
 import functools
 import io
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -156,22 +159,32 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def scene_samples(count: int, split: str = "train", size: int = 64, start: int = 0, qa: str = "single") -> Iterator[dict]:
+def scene_samples(count: int, split: str = "train", size: int = 64, start: int = 0, qa: str = "single",
+                  wrong_captions: float = 0.0) -> Iterator[dict]:
     """Normalised samples (vlm.formats) of `count` scenes: per scene one caption sample, then its questions.
 
     qa="single": one single-turn conversation per QA pair, with `qa_type` and `answer` (per-type scoring);
     qa="multi": one multi-turn conversation per scene asking them all (the image read once), with
-    `qa_types` and `answers`. Every sample records its `scene_seed`."""
-    if qa not in ("single", "multi"):
-        raise ValueError(f"qa must be 'single' or 'multi', not {qa!r}")
-    for seed in scene_seeds(split, count, start):
+    `qa_types` and `answers`; qa="none": the captions only. Every sample records its `scene_seed`.
+    wrong_captions: that fraction of the scenes (chosen by a seeded draw) get another chosen scene's caption
+    instead of their own, and every caption sample records `caption_true` -- known-noisy data for checking
+    a data filter (vlm.filter)."""
+    if qa not in ("single", "multi", "none"):
+        raise ValueError(f"qa must be 'single', 'multi' or 'none', not {qa!r}")
+    if not 0.0 <= wrong_captions <= 1.0:
+        raise ValueError(f"wrong_captions is a fraction of the scenes, in [0, 1], not {wrong_captions}")
+    seeds = scene_seeds(split, count, start)
+    caption_of = _wrong_captions(seeds, wrong_captions) if wrong_captions else {}
+    for seed in seeds:
         image, caption, pairs = scene_sample(seed, size)
         common = {"source": f"{SOURCE}-{split}", "images": [png_bytes(image)], "scene_seed": seed}
-        yield {**common, "id": f"scene{seed}-caption", "kind": "caption", "turns": [{"role": "text", "content": f"<image>\n{caption}"}]}
+        shown = Scene.random(caption_of[seed]).caption() if seed in caption_of else caption
+        truth = {"caption_true": shown == caption} if wrong_captions else {}
+        yield {**common, "id": f"scene{seed}-caption", "kind": "caption", "turns": [{"role": "text", "content": f"<image>\n{shown}"}], **truth}
         # Multi-turn: the questions in a per-scene random order, so that no question type is always the first
         # (the one asked beside the image) and a model cannot answer by turn position.
         shuffled = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
-        groups = [[pair] for pair in pairs] if qa == "single" else [shuffled]
+        groups = {"single": [[pair] for pair in pairs], "multi": [shuffled], "none": []}[qa]
         for group in groups:
             turns = []
             for _, question, answer in group:
@@ -181,6 +194,14 @@ def scene_samples(count: int, split: str = "train", size: int = 64, start: int =
             extra = {"qa_type": types[0], "answer": answers[0]} if qa == "single" else {"qa_types": types, "answers": answers}
             name = types[0] if qa == "single" else "qa"
             yield {**common, "id": f"scene{seed}-{name}", "kind": "conversation", "turns": turns, **extra}
+
+
+def _wrong_captions(seeds: range, fraction: float) -> dict[int, int]:
+    """{scene seed: the seed whose caption it gets}: a seeded `fraction` of the scenes, each taking the next
+    chosen scene's caption (a rotation, so no chosen scene keeps its own)."""
+    rng = np.random.default_rng([seeds.start, len(seeds), 11])
+    chosen = sorted(rng.choice(len(seeds), round(fraction * len(seeds)), replace=False).tolist())
+    return {seeds[i]: seeds[chosen[(k + 1) % len(chosen)]] for k, i in enumerate(chosen)}
 
 
 # Short captions written by hand for the embedded photos (data/photos.py), looking at each one.
@@ -227,3 +248,27 @@ def photo_samples(split: str = "all") -> Iterator[dict]:
 @functools.cache
 def _photo_png(name: str) -> bytes:
     return png_bytes(embedded_photo(name))
+
+
+def write_eval_folder(out: str | os.PathLike, count: int, split: str = "heldout", size: int = 64) -> Path:
+    """An evaluation folder of `count` scenes in scripts/vlm_eval.py's layout (vlm.benchmark): images/, and
+    questions.jsonl with every QA pair (type = its QA type), a caption per scene, and the shape question again
+    as multiple choice over the three shapes (type "shape_choice"). Returns the questions file."""
+    from lvm.checkpoints import atomic_path
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in scene_seeds(split, count):
+        image, caption, pairs = scene_sample(seed, size)
+        name = f"images/scene{seed}.png"
+        image.save(out / name)
+        records.append({"id": f"scene{seed}-caption", "image": name, "captions": [caption]})
+        for qa_type, question, answer in pairs:
+            records.append({"id": f"scene{seed}-{qa_type}", "image": name, "question": question, "answer": answer, "type": qa_type})
+            if qa_type == "shape":
+                records.append({"id": f"scene{seed}-shape-choice", "image": name, "question": question, "options": list(SHAPES),
+                                "answer": SHAPES.index(answer), "type": "shape_choice"})  # fmt: skip
+    with atomic_path(out / "questions.jsonl") as tmp:
+        Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out / "questions.jsonl"

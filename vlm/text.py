@@ -23,7 +23,11 @@ from pathlib import Path
 IMAGE_TOKEN = "<image>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS = (IMAGE_TOKEN, SYSTEM, USER, ASSISTANT, END_OF_TURN, BOS, EOS, PAD)
+# A written image (the unified model, vlm/unified.py): <begin_of_image>, one <image_code> per VQ code (the
+# model embeds the codes there), <end_of_image>. Janus names its markers the same.
+BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_CODE = "<begin_of_image>", "<end_of_image>", "<image_code>"
+GENERATION_TOKENS = (BEGIN_OF_IMAGE, END_OF_IMAGE, IMAGE_CODE)
+SPECIAL_TOKENS = (IMAGE_TOKEN, SYSTEM, USER, ASSISTANT, END_OF_TURN, BOS, EOS, PAD, *GENERATION_TOKENS)
 CHAT_ROLES = ("system", "user", "assistant")
 ROLES = (*CHAT_ROLES, "text")
 IGNORE_INDEX = -100  # as vlm.splice: positions that carry no loss
@@ -54,7 +58,8 @@ def train_default_tokenizer(directory: str | os.PathLike, texts: Iterable[str] |
     """Train a byte-level BPE on `texts` (default: `default_corpus()`) and save it in HF format in
     `directory` (AutoTokenizer.from_pretrained(directory) loads it); returns the PreTrainedTokenizerFast.
 
-    Special tokens (SPECIAL_TOKENS) take the first ids, `<image>` = 0; bos `<s>`, eos `</s>`, pad `<pad>`;
+    Special tokens (SPECIAL_TOKENS) take the first ids, `<image>` = 0; bos `<s>`, eos `</s>`, pad `<pad>`; the
+    generation markers `<begin_of_image>`, `<end_of_image>`, `<image_code>` follow;
     the chat template renders each turn as `<|role|>\\n{content}<|end|>\\n`. Byte-level: any text encodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -73,7 +78,9 @@ def train_default_tokenizer(directory: str | os.PathLike, texts: Iterable[str] |
     )
     backend.train_from_iterator(list(default_corpus() if texts is None else texts), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, SYSTEM, USER, ASSISTANT, END_OF_TURN]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [IMAGE_TOKEN, SYSTEM, USER, ASSISTANT, END_OF_TURN, *GENERATION_TOKENS]}
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     _save_atomically(tokenizer, Path(directory))
     return tokenizer
@@ -128,6 +135,23 @@ def check_tokenizer(tokenizer) -> int:
             "one) and save it, or use vlm.text.train_default_tokenizer"
         )
     return image_id
+
+
+def generation_token_ids(tokenizer) -> dict[str, int]:
+    """{"boi_token_id", "eoi_token_id", "code_token_id"}: the ids a model that writes images needs
+    (VLMConfig.generation), each a single special token of `tokenizer`; raises naming the fix otherwise."""
+    ids = {}
+    for key, token in zip(("boi_token_id", "eoi_token_id", "code_token_id"), GENERATION_TOKENS, strict=True):
+        if token not in tokenizer.get_vocab() or tokenizer(f"a{token}b", add_special_tokens=False)["input_ids"].count(
+            tokenizer.convert_tokens_to_ids(token)
+        ) != 1:
+            raise ValueError(
+                f"the tokenizer has no {token} special token, needed to write images: train it with "
+                f"vlm.text.train_default_tokenizer, or add {list(GENERATION_TOKENS)} with "
+                "tokenizer.add_special_tokens({'additional_special_tokens': [...]}) and resize the LLM's embeddings"
+            )
+        ids[key] = tokenizer.convert_tokens_to_ids(token)
+    return ids
 
 
 def encode_turns(

@@ -1,0 +1,50 @@
+"""Drawing with a VLM that writes images: text-to-image and in-context generation (EMU2).
+
+    chat = Chat.load("runs/demo/unified/export", "runs/demo/vlm/tokenizer")
+    images = draw(chat, ["a small red circle on the left on a plain white background"])            # PIL images
+    images = draw(chat, [caption], examples=[(caption_1, image_1), (caption_2, image_2)])          # in context
+
+The prompt is vlm.unified_data.image_prompt, the layout the model trained on: each example caption followed by
+its image read through the connector, then the caption and `<begin_of_image>`; the model writes the codes with
+classifier-free guidance (VLM.generate_images) and its VQ decodes them. scripts/prompt.py (--draw),
+scripts/chat.py (/draw) and the web app's Draw tab call this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from vlm.chat import Chat
+
+
+@torch.no_grad()
+def draw(chat: Chat, captions: Sequence[str], examples: Sequence[tuple[str, Image.Image]] = (),
+         guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+         seed: int = 0) -> list[Image.Image]:  # fmt: skip
+    """One image per caption, drawn after the same (caption, image) examples; seeded, so repeatable."""
+    from tokenizer import to_pil
+    from vlm.image_generation import NO_GENERATION_SIDE
+    from vlm.unified_data import image_prompt
+
+    if chat.vlm.config.generation is None:
+        raise ValueError(NO_GENERATION_SIDE)
+    context = [caption for caption, _ in examples]
+    pictures = [image for _, image in examples]
+    generator = torch.Generator(chat.device).manual_seed(seed)
+    drawn = []
+    for start in range(0, len(captions), chat.batch_size):
+        prompts = [chat.prompt_ids([{"role": "text", "content": image_prompt(caption, context)}], pictures, False)
+                   for caption in captions[start : start + chat.batch_size]]  # fmt: skip
+        width = max(len(ids) for ids, _ in prompts)
+        pad = chat.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in prompts], device=chat.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=chat.device)
+        pixels = torch.cat([p for _, p in prompts]).to(chat.device) if pictures else None
+        codes = chat.vlm.generate_images(input_ids, attention_mask=mask, pixel_values=pixels,
+                                         guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, generator=generator)  # fmt: skip
+        drawn += to_pil(chat.vlm.decode_images(codes))
+    return drawn

@@ -1,0 +1,118 @@
+"""The unified stage of `make demo` (scripts/demo.py calls `run` after the VLM stage): the demo VLM learns to
+draw the procedural scenes it reads.
+
+1. train: the VLM stage's SFT export given a generation side (the demo VQGAN of stage 1: 32 px -> 64 codes)
+   on the VLM stage's scene shards, mixing understanding, generation and interleaved documents
+   (configs/unified/demo.yaml, vlm.unified.UnifiedModule)
+2. draw held-out captions with guidance (vlm.draw) and score each image's attributes with the scene
+   generator's own renderer (vlm.scene_check): colour, shape and position per described shape; baselines:
+   the same model with an empty caption, and with another scene's caption; the ceiling: the true scene
+   after a VQ round trip
+3. read: QA exact match of the same model on held-out scenes (vlm.evaluation.score_scenes)
+4. a PNG grid: caption | generated | empty caption | shuffled caption | truth
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG = "configs/unified/demo.yaml"
+FULL = dict(steps=200, draw_scenes=48, qa_scenes=16, grid_rows=10)
+SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2)
+SAMPLING = dict(guidance_scale=3.0, temperature=1.0, top_k=32, seed=0)
+COLUMNS = ("model", "empty caption", "shuffled caption", "truth")
+
+
+def run(out: Path, train, smoke: bool = False) -> dict:
+    """train(config, run_dir, extra_args) -> export dir (scripts/demo.py). Needs the tokenizer stage's VQGAN
+    (<out>/tokenizer/export) and the VLM stage's outputs (<out>/vlm)."""
+    from vlm import VLM
+    from vlm.chat import Chat
+    from vlm.text import load_text_tokenizer
+
+    settings = SMOKE if smoke else FULL
+    out, vlm_dir = Path(out), Path(out) / "vlm"
+    generation = {"tokenizer": {"kind": "vqgan", "path": str(out / "tokenizer" / "export")}, "embed_dim": 16}
+    tokenizer = str(vlm_dir / "tokenizer")
+    export = train(CONFIG, out / "unified", [
+        "--model.init_from", str(vlm_dir / "sft" / "export"), "--model.tokenizer", tokenizer,
+        "--model.generation", json.dumps(generation), "--data.tokenizer", tokenizer,
+        "--data.train", str(vlm_dir / "shards" / "train"), "--data.val", str(vlm_dir / "shards" / "val"),
+        "--trainer.max_steps", str(settings["steps"]), "--trainer.val_check_interval", str(settings["steps"]),
+    ])  # fmt: skip
+    chat = Chat(VLM.from_pretrained(export), load_text_tokenizer(tokenizer))
+    return score(chat, settings, out / "unified")
+
+
+def score(chat, settings: dict, out: Path) -> dict:
+    """Attribute accuracy of drawn held-out captions against the baselines; QA exact match; the grid."""
+    import torch
+
+    from tokenizer import to_pil, to_tensor
+    from vlm.draw import draw
+    from vlm.evaluation import score_scenes
+    from vlm.scene_check import attribute_accuracy
+    from vlm.scenes import Scene, scene_seeds
+
+    scenes = [Scene.random(seed) for seed in scene_seeds("heldout", settings["draw_scenes"])]
+    captions = [scene.caption() for scene in scenes]
+    size = chat.vlm.gen_tokenizer.config.resolution
+    truth = [scene.render(size) for scene in scenes]
+    with torch.no_grad():
+        round_trip = to_pil(chat.vlm.decode_images(chat.vlm.encode_images(to_tensor(truth).to(chat.device))))
+    drawn = {
+        "model": draw(chat, captions, **SAMPLING),
+        "empty caption": draw(chat, [""] * len(scenes), **SAMPLING),
+        "shuffled caption": draw(chat, captions[1:] + captions[:1], **SAMPLING),  # each scored on its neighbour
+    }
+    accuracy = {name: attribute_accuracy(images, scenes) for name, images in drawn.items()}
+    ceiling = attribute_accuracy(round_trip, scenes)
+    qa = score_scenes(chat, settings["qa_scenes"])
+    save_draw_grid(out / "draw_grid.png", captions[: settings["grid_rows"]],
+                   {**{k: v[: settings["grid_rows"]] for k, v in drawn.items()}, "truth": truth[: settings["grid_rows"]]})
+    return {
+        "t2i_attribute_accuracy": {"model": accuracy["model"]["accuracy"],
+                                   "unconditional": accuracy["empty caption"]["accuracy"],
+                                   "shuffled_caption": accuracy["shuffled caption"]["accuracy"],
+                                   "vq_round_trip": ceiling["accuracy"]},
+        "t2i_per_attribute": {"model": accuracy["model"], "unconditional": accuracy["empty caption"],
+                              "shuffled_caption": accuracy["shuffled caption"], "vq_round_trip": ceiling},
+        "i2t_exact_match": qa["qa_exact_match"],
+        "caption_f1": qa["caption_f1"],
+        "scenes": len(scenes),
+        "sampling": SAMPLING,
+        "grid": str(out / "draw_grid.png"),
+    }  # fmt: skip
+
+
+def save_draw_grid(path: Path, captions: list[str], columns: dict) -> None:
+    """One row per caption: the caption (wrapped) | one image per column, nearest-neighbour upscaled, labelled."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    from lvm.figures import display_side
+    from lvm.prompting import save_png
+
+    cell, text_width, header = display_side(next(iter(columns.values()))[0].height), 240, 20
+    canvas = Image.new("RGB", (text_width + len(columns) * (cell + 4), header + len(captions) * (cell + 4)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for x, title in zip([4, *(text_width + i * (cell + 4) for i in range(len(columns)))], ["caption", *columns], strict=True):
+        pen.text((x, 4), title, fill="black")
+    for row, caption in enumerate(captions):
+        y = header + row * (cell + 4)
+        pen.multiline_text((4, y + 4), "\n".join(textwrap.wrap(caption, text_width // 6 - 2)[: cell // 12]), fill="black")
+        for column, images in enumerate(columns.values()):
+            canvas.paste(images[row].resize((cell, cell), Image.NEAREST), (text_width + column * (cell + 4), y))
+    save_png(canvas, path)
+
+
+def table_lines(metrics: dict) -> list[str]:
+    t2i, qa = metrics["t2i_attribute_accuracy"], metrics["i2t_exact_match"]
+    return [
+        f"{'unified, held-out scenes':<28}{'model':>8}{'empty caption':>15}{'shuffled caption':>18}{'VQ of truth':>13}",
+        f"{'t2i attribute accuracy':<28}{t2i['model']:>8.3f}{t2i['unconditional']:>15.3f}{t2i['shuffled_caption']:>18.3f}"
+        f"{t2i['vq_round_trip']:>13.3f}",
+        f"{'i2t QA exact match':<28}{qa['model']:>8.3f}   (blank image {qa['blank_image']:.3f}, text only {qa['text_only']:.3f})",
+    ]
