@@ -8,6 +8,18 @@ from data.shards import TokenSample, write_shard
 from vlm import VLM, VLMConfig
 from vlm.text import train_default_tokenizer
 
+# A tiny CLIP (32 px, patch 8) -> VILA downsample -> 2-layer LVM text decoder; the vocabulary and image id
+# come from the tokenizer the training module is given.
+TINY_VLM_SPEC = {
+    "encoder": {"kind": "hf", "feature_layer": -1, "config": dict(
+        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2)},
+    "connector": "downsample_mlp",
+    "llm": {"kind": "lvm", "config": dict(name="t", vocab_size=0, codebook_size=0, hidden_size=48, intermediate_size=96,
+                                          num_layers=2, num_heads=4, max_position_embeddings=256)},
+    "image_token_id": 0,
+}  # fmt: skip
+
 
 def write_synthetic(path, n, codebook_size=64, images=1, first=0):
     """A shard of n samples whose tokens all equal the sample number (first, first + 1, ..)."""

@@ -11,6 +11,7 @@ import tarfile
 import lightning as L
 import pytest
 import torch
+from helpers import TINY_VLM_SPEC as SPEC
 
 from data.shards import list_shards
 from vlm.data import VLMDataModule, sample_document
@@ -20,16 +21,6 @@ from vlm.module import VLMModule, new_config
 from vlm.prepare import iter_shard_samples, prepare, read_manifest
 from vlm.processing import ImageProcessor
 from vlm.text import load_text_tokenizer, train_default_tokenizer
-
-SPEC = {
-    "encoder": {"kind": "hf", "feature_layer": -1, "config": dict(
-        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=2)},
-    "connector": "downsample_mlp",
-    "llm": {"kind": "lvm", "config": dict(name="t", vocab_size=0, codebook_size=0, hidden_size=48, intermediate_size=96,
-                                          num_layers=2, num_heads=4, max_position_embeddings=256)},
-    "image_token_id": 0,
-}  # fmt: skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

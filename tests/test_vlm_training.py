@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from helpers import TINY_VLM_SPEC as VLM
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.data import VLMDataModule
@@ -16,15 +17,6 @@ from vlm.processing import ImageProcessor
 from vlm.splice import IGNORE_INDEX
 from vlm.text import load_text_tokenizer, train_default_tokenizer
 
-VLM = {
-    "encoder": {"kind": "hf", "feature_layer": -1, "config": dict(
-        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=2)},
-    "connector": "downsample_mlp",
-    "llm": {"kind": "lvm", "config": dict(name="t", vocab_size=0, codebook_size=0, hidden_size=48, intermediate_size=96,
-                                          num_layers=2, num_heads=4, max_position_embeddings=256)},
-    "image_token_id": 0,
-}
 DATA = dict(seq_len=192, batch_size=2, num_workers=0, shuffle_buffer=16)
 
 

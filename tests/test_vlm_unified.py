@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from helpers import TINY_VLM_SPEC as SPEC
 
 from tokenizer.config import VQGANConfig
 from vlm.prepare import prepare
@@ -14,15 +15,6 @@ from vlm.text import load_text_tokenizer, train_default_tokenizer
 from vlm.unified import UnifiedModule
 from vlm.unified_data import UnifiedDataModule
 
-SPEC = {
-    "encoder": {"kind": "hf", "feature_layer": -1, "config": dict(
-        model_type="clip_vision_model", image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=2)},
-    "connector": "downsample_mlp",
-    "llm": {"kind": "lvm", "config": dict(name="t", vocab_size=0, codebook_size=0, hidden_size=48, intermediate_size=96,
-                                          num_layers=2, num_heads=4, max_position_embeddings=256)},
-    "image_token_id": 0,
-}
 VQ = VQGANConfig.from_name("vqgan_tiny", resolution=16, channel_mult=(1, 2, 2), attn_resolutions=()).to_dict()
 GENERATION = {"tokenizer": {"kind": "vqgan", "config": VQ}, "embed_dim": 8}  # 16 px -> 4x4 = 16 codes of 64
 pytestmark = pytest.mark.usefixtures("one_thread")
