@@ -22,3 +22,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    """A saved random tiny VLM with its tokenizer (tests/helpers.save_tiny_vlm) and a red image, red.png."""
+    from helpers import save_tiny_vlm
+    from PIL import Image
+
+    directory = tmp_path_factory.mktemp("vlm")
+    torch.manual_seed(0)
+    save_tiny_vlm(directory)
+    Image.new("RGB", (40, 30), "red").save(directory / "red.png")
+    return directory

@@ -5,23 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import save_tiny_vlm
 from PIL import Image
 
 from vlm.chat import Chat
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each test starts the command in a subprocess (~8 s of CPU)
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    save_tiny_vlm(directory)
-    Image.new("RGB", (40, 30), "red").save(directory / "red.png")
-    return directory
 
 
 def run_chat(vlm_dir, session: str, *options) -> subprocess.CompletedProcess:

@@ -7,22 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import save_tiny_vlm
 from PIL import Image
 
 from vlm import benchmark
 from vlm.scenes import write_eval_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    save_tiny_vlm(directory)
-    return directory
 
 
 def test_scores_per_task_and_type_by_hand(tmp_path):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_vlm
 from PIL import Image
 
 from vlm.chat import Chat
@@ -21,15 +20,6 @@ from vlm.lmms import cut_at_stops, loglikelihood, user_turn
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
 QUESTIONS = ["What colour is it?", "How many shapes?"]
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vlm")
-    torch.manual_seed(0)
-    save_tiny_vlm(directory)
-    Image.new("RGB", (40, 30), "red").save(directory / "red.png")
-    return directory
 
 
 def test_prompts_and_stop_strings():
