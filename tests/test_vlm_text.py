@@ -112,3 +112,18 @@ def test_tokenizer_without_image_token_fails_naming_the_fix(tok_dir, tmp_path):
         load_text_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="role must be one of"):
         encode_turns(no_template, [{"role": "bot", "content": "x"}])
+
+
+def test_a_tokenizer_is_checked_against_the_vlm_it_serves(vlm_dir, tmp_path):
+    from vlm import VLM
+    from vlm.text import check_tokenizer_for
+
+    model, tokenizer = VLM.from_pretrained(vlm_dir), load_text_tokenizer(vlm_dir)
+    assert check_tokenizer_for(model, tokenizer) == model.config.image_token_id
+    larger = load_text_tokenizer(vlm_dir)
+    larger.add_tokens([f"word{i}" for i in range(model.llm.vocab_size - len(larger) + 1)])  # one id past the LLM's
+    with pytest.raises(ValueError, match=rf"has {len(larger)} ids, more than the VLM's vocabulary of {model.llm.vocab_size}"):
+        check_tokenizer_for(model, larger)
+    model.config.image_token_id += 1
+    with pytest.raises(ValueError, match=rf"trained with image_token_id {model.config.image_token_id}: use the tokenizer"):
+        check_tokenizer_for(model, tokenizer)

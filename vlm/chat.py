@@ -50,19 +50,12 @@ def stream_ids(generate: Callable[[Callable], torch.Tensor]) -> Iterator[list[in
 class Chat:
     def __init__(self, vlm, tokenizer, processor: ImageProcessor | None = None, batch_size: int = 32,
                  sources: dict[str, str] | None = None):  # fmt: skip
-        from vlm.text import END_OF_TURN, IMAGE_TOKEN, check_tokenizer
+        from vlm.text import END_OF_TURN, IMAGE_TOKEN, check_tokenizer_for
 
         self.vlm, self.tokenizer = vlm.eval(), tokenizer
         self.processor = processor or ImageProcessor.for_model(vlm)
-        self.image_id, self.image_token = check_tokenizer(tokenizer), IMAGE_TOKEN
+        self.image_id, self.image_token = check_tokenizer_for(vlm, tokenizer), IMAGE_TOKEN
         self.batch_size, self.sources = batch_size, sources or {}
-        if vlm.config.image_token_id != self.image_id:
-            raise ValueError(
-                f"the tokenizer's <image> id is {self.image_id} but the VLM was trained with image_token_id "
-                f"{vlm.config.image_token_id}: use the tokenizer the VLM was trained with"
-            )
-        if len(tokenizer) > vlm.llm.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than the VLM's vocabulary {vlm.llm.vocab_size}")
         # An answer ends at the template's end-of-turn token (or EOS).
         self.stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id) if i is not None]
         self.max_length = vlm.llm.model.config.max_position_embeddings

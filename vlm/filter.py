@@ -71,12 +71,10 @@ def iter_scores(
     keys in `skip` are passed over, at most `limit` samples are scored. Samples that cannot be read, that
     exceed the model's positions or that have nothing to score are counted in `stats` and logged."""
     from vlm.prepare import read_manifest
-    from vlm.text import check_tokenizer
+    from vlm.text import check_tokenizer_for
 
     total = read_manifest(shards)["samples"]  # raises, naming the fix, for a folder that is not a shard set
-    if check_tokenizer(tokenizer) != model.config.image_token_id:
-        raise ValueError(f"the tokenizer's <image> id is {check_tokenizer(tokenizer)}, the model's "
-                         f"{model.config.image_token_id}: pass the tokenizer the model was trained with")  # fmt: skip
+    check_tokenizer_for(model, tokenizer)
     stats = formats.SkipStats() if stats is None else stats
     processor = ImageProcessor.for_model(model, **processor_options)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -215,7 +215,7 @@ def _reconstruction_psnr(args: argparse.Namespace) -> Callable[[torch.nn.Module]
     _need_val(args, "an image folder, or `embedded` for the embedded validation photos")
     images = embedded_photos("val") if args.val == "embedded" else list_images(args.val)
     if not images:
-        raise ValueError(f"--val {args.val}: no images found")
+        raise ValueError(f"--val {args.val}: no images found (png, jpg, ...); give a folder of images, or `embedded`")
     if args.batches:
         images = images[: args.batches * args.batch_size]
 

@@ -137,6 +137,19 @@ def check_tokenizer(tokenizer) -> int:
     return image_id
 
 
+def check_tokenizer_for(vlm, tokenizer) -> int:
+    """check_tokenizer, and that `tokenizer` is the one `vlm` was trained with (its <image> id, and no id
+    beyond the LLM's vocabulary). Returns the `<image>` id."""
+    image_id = check_tokenizer(tokenizer)
+    if vlm.config.image_token_id != image_id:
+        raise ValueError(f"the tokenizer's <image> id is {image_id} but the VLM was trained with image_token_id "
+                         f"{vlm.config.image_token_id}: use the tokenizer the VLM was trained with")
+    if len(tokenizer) > vlm.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than the VLM's vocabulary of "
+                         f"{vlm.llm.vocab_size}: use the tokenizer the VLM was trained with")
+    return image_id
+
+
 def generation_token_ids(tokenizer) -> dict[str, int]:
     """{"boi_token_id", "eoi_token_id", "code_token_id"}: the ids a model that writes images needs
     (VLMConfig.generation), each a single special token of `tokenizer`; raises naming the fix otherwise."""
