@@ -84,6 +84,26 @@ class ProceduralImages(Dataset):
         return to_tensor(y if index // len(TASKS) % 2 else x)[0]
 
 
+class SceneImages(Dataset):
+    """Whole procedural scenes of the VLM demo (vlm.scenes: named colours in slots, plain or textured
+    backgrounds), the images the demo's unified model learns to draw with this tokenizer's codes.
+    `split` picks disjoint seed ranges: "train" or "heldout"."""
+
+    def __init__(self, split: str, length: int, resolution: int):
+        from vlm.scenes import scene_seeds  # vlm builds on data; imported here, where it is used
+
+        self.seeds = scene_seeds(split, length)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from vlm.scenes import Scene
+
+        return to_tensor(Scene.random(self.seeds[index]).render(self.resolution))[0]
+
+
 class _EpochSamples(Dataset):
     """Item `epoch * n + i` is sample i of `dataset`, augmented with the torch RNG seeded by (seed, epoch, i):
     a sample's crop depends on nothing else, so a resumed run sees the crops an unbroken one would."""
@@ -123,9 +143,10 @@ class _ResumableSampler(torch.utils.data.Sampler):
 
 class ImageDataModule(L.LightningDataModule):
     """Random crops of the images under `root` (recursive, any PIL-readable format), or of the
-    embedded photos when `root` is None, plus a `procedural_fraction` of whole procedural task images.
-    Validation uses held-out images: the embedded validation photos, or every `val_every`-th file of
-    the folder, and `val_procedural` held-out procedural images when procedural ones are trained on."""
+    embedded photos when `root` is None, plus a `procedural_fraction` of whole procedural task images and
+    a `scene_fraction` of whole VLM demo scenes. Validation uses held-out images: the embedded validation
+    photos, or every `val_every`-th file of the folder, and `val_procedural` held-out procedural images
+    (and as many held-out scenes) for each generated source that is trained on."""
 
     def __init__(
         self,
@@ -137,6 +158,7 @@ class ImageDataModule(L.LightningDataModule):
         val_every: int = 10,
         val_zooms: int = 4,
         procedural_fraction: float = 0.0,
+        scene_fraction: float = 0.0,
         val_procedural: int = 12,
         seed: int = 0,
     ):
@@ -157,12 +179,20 @@ class ImageDataModule(L.LightningDataModule):
                 raise ValueError(f"no images under {hp.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
             val_images = files[:: hp.val_every]
             train_images = [f for f in files if f not in set(val_images)] or files
-        n_procedural = round(hp.train_samples_per_epoch * hp.procedural_fraction)
-        self.train_set = ImageCrops(train_images, hp.resolution, train=True, length=hp.train_samples_per_epoch - n_procedural)
-        self.val_set = ImageCrops(val_images, hp.resolution, train=False, zooms=hp.val_zooms)
-        if n_procedural:
-            self.train_set = ConcatDataset([self.train_set, ProceduralImages("train", n_procedural, hp.resolution)])
-            self.val_set = ConcatDataset([self.val_set, ProceduralImages("heldout", hp.val_procedural, hp.resolution)])
+        if not 0 <= hp.procedural_fraction + hp.scene_fraction <= 1:
+            raise ValueError(
+                f"procedural_fraction {hp.procedural_fraction} + scene_fraction {hp.scene_fraction} must lie in "
+                "[0, 1]: they are shares of train_samples_per_epoch, the photos take the rest"
+            )
+        generated = {ProceduralImages: hp.procedural_fraction, SceneImages: hp.scene_fraction}
+        counts = {source: round(hp.train_samples_per_epoch * share) for source, share in generated.items()}
+        train_sets = [ImageCrops(train_images, hp.resolution, train=True, length=hp.train_samples_per_epoch - sum(counts.values()))]
+        val_sets = [ImageCrops(val_images, hp.resolution, train=False, zooms=hp.val_zooms)]
+        for source, count in counts.items():
+            if count:
+                train_sets.append(source("train", count, hp.resolution))
+                val_sets.append(source("heldout", hp.val_procedural, hp.resolution))
+        self.train_set, self.val_set = ConcatDataset(train_sets), ConcatDataset(val_sets)
 
     def train_dataloader(self) -> DataLoader:
         sampler = _ResumableSampler(len(self.train_set), self.hparams.seed)

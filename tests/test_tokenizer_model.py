@@ -213,6 +213,26 @@ def test_save_pretrained_keeps_quantizer_options(tmp_path):
 
 
 # -- quantizer options ------------------------------------------------------------------------------
+def test_norm_groups_regroup_every_groupnorm_and_keep_the_parameters():
+    """taming's 32 groups are one channel each at a 32-channel width: a flat image's colour would be
+    normalised away. norm_groups=1 normalises over all channels, so two flat colours stay apart."""
+    taming = VQGAN.from_name("vqgan_demo", norm_groups=32)
+    joint = VQGAN.from_name("vqgan_demo", norm_groups=1)
+    norms = [m for m in joint.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 1 for m in norms)
+    assert {k: v.shape for k, v in taming.state_dict().items()} == {k: v.shape for k, v in joint.state_dict().items()}
+    # features of two flat images (red, blue): constant over space, a different level per channel
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.1, 0.9]])
+    flat = (colours @ torch.randn(3, 32, generator=torch.Generator().manual_seed(0)))[:, :, None, None].expand(2, 32, 8, 8)
+    with torch.no_grad():
+        per_channel = taming.encoder.down[0].block[0].norm1(flat)
+        joint_normed = joint.encoder.down[0].block[0].norm1(flat)
+    assert per_channel.abs().max() < 1e-2  # red and blue both become zeros
+    assert (joint_normed[0] - joint_normed[1]).abs().max() > 0.5
+    with pytest.raises(ValueError, match="norm_groups 3"):
+        VQGAN.from_name("vqgan_demo", norm_groups=3)
+
+
 def test_l2_normalised_codes_use_cosine_similarity():
     model = VQGAN.from_name("vqgan_tiny", l2_normalized_codes=True).eval()
     with torch.no_grad():  # lengths far apart, so that euclidean and cosine nearest codes differ

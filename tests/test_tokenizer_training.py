@@ -71,6 +71,20 @@ def test_procedural_images_join_training_and_validation_from_disjoint_seeds():
     assert procedural[0].shape == (3, 32, 32) and not torch.equal(procedural[0], procedural[1])
 
 
+def test_vlm_scenes_join_the_mix_beside_procedural_images():
+    dm = ImageDataModule(resolution=32, train_samples_per_epoch=40, procedural_fraction=0.5, scene_fraction=0.25, val_procedural=4)
+    dm.setup()
+    photos, procedural, scenes = dm.train_set.datasets
+    assert (len(photos), len(procedural), len(scenes)) == (10, 20, 10)
+    held_out = dm.val_set.datasets[2]
+    assert len(held_out) == 4 and not set(scenes.seeds) & set(held_out.seeds)
+    # the VLM's own renders: saturated shape colours (a grey blur would not have them)
+    image = scenes[0]
+    assert image.shape == (3, 32, 32) and (image.amax(0) - image.amin(0)).max() > 0.5
+    with pytest.raises(ValueError, match="procedural_fraction 0.8 \\+ scene_fraction 0.4"):
+        ImageDataModule(resolution=32, procedural_fraction=0.8, scene_fraction=0.4).setup()
+
+
 @pytest.mark.slow
 def test_gan_phase_trains_the_discriminator_with_adaptive_weight(tmp_path):
     L.seed_everything(0)

@@ -28,6 +28,11 @@ class VQGANConfig(NamedConfig):
     codebook_size: int = 1024
     commitment: float = 0.25
     dropout: float = 0.0
+    # GroupNorm groups in the encoder and decoder. taming's 32 makes each group a single channel at a
+    # 32-channel width: per-image, per-channel normalisation erases the mean colour of flat regions (the
+    # decoder's last norm cannot then set an image's overall colour). 1 normalises over all channels
+    # jointly and keeps their relative levels.
+    norm_groups: int = 32
     pixel_range: tuple[float, float] = (-1.0, 1.0)
     # Quantizer options beyond taming's; off for loaded checkpoints.
     l2_normalized_codes: bool = False  # cosine-similarity lookup, as LlamaGen
@@ -44,10 +49,10 @@ class VQGANConfig(NamedConfig):
                 f"{self.downsample_factor} of channel_mult {self.channel_mult}"
             )
         for width in (self.base_channels * m for m in self.channel_mult):
-            if width % 32:
+            if width % self.norm_groups:
                 raise ValueError(
-                    f"channel width {width} (base_channels x channel_mult) is not a multiple of 32, "
-                    "which GroupNorm(32) in the taming blocks needs"
+                    f"channel width {width} (base_channels x channel_mult) is not a multiple of "
+                    f"norm_groups {self.norm_groups}, which GroupNorm in the taming blocks needs"
                 )
 
     @property

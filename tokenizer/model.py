@@ -35,6 +35,11 @@ def taming_encoder_decoder(config: VQGANConfig) -> tuple[Encoder, Decoder]:
     if not config.mid_attention:
         encoder.mid.attn_1 = nn.Identity()
         decoder.mid.attn_1 = nn.Identity()
+    if config.norm_groups != 32:  # taming hard-codes 32 groups; same parameters, another grouping
+        for network in (encoder, decoder):
+            for name, module in list(network.named_modules()):
+                if isinstance(module, nn.GroupNorm):
+                    network.set_submodule(name, nn.GroupNorm(config.norm_groups, module.num_channels, module.eps))
     return encoder, decoder
 
 
