@@ -1,8 +1,8 @@
 """The main job on the embedded demo data, end to end (`make demo`). Stages whose outputs exist are reused.
 
 1. tokenizer: train `vqgan_demo` through the Lightning CLI (configs/tokenizer/demo.yaml) on the
-   embedded photos and procedural task images; score its reconstructions (held-out photos, and the
-   procedural images of every task) and save them as a PNG
+   embedded photos, procedural task images and VLM scenes; score its reconstructions (held-out photos,
+   the procedural images of every task, and held-out scenes, which stage 7 draws) and save them as a PNG
 2. shards: tokenize procedural analogy sentences (training seeds; held-out seeds for validation)
 3. lvm: train `vqlm_demo` through the Lightning CLI (configs/lvm/demo.yaml) on those shards
 4. analogies: free-running answers to held-out analogy prompts against two baselines (copy the query;
@@ -42,6 +42,7 @@ from tokenizer import VQGAN, to_pil, to_tensor
 from tokenizer.images import reconstruction_psnr
 from vlm import demo as vlm_demo
 from vlm import unified_demo
+from vlm.scenes import Scene, scene_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
@@ -88,19 +89,21 @@ def train_with_cli(config: str, run: Path, extra_args: list[str]) -> Path:
 
 
 def tokenizer_stage(out: Path, settings: dict) -> tuple[VQGAN, dict]:
-    """Train the tokenizer; score it on held-out photos and, per task, on held-out procedural images."""
+    """Train the tokenizer; score it on held-out photos, per task on held-out procedural images, and on
+    held-out VLM scenes."""
     vq = VQGAN.from_pretrained(train_with_cli("configs/tokenizer/demo.yaml", out / "tokenizer", settings["tokenizer_args"]))
     size = vq.config.resolution
     sets = {"photos": to_tensor(embedded_photos("val"), size)}
     for task in TASKS:  # both sides of every pair of 4 held-out sentences: 32 images per task
         sentences = heldout_analogies([task], 4, PAIRS_PER_SENTENCE, size)
         sets[task] = to_tensor([image for sentence in sentences for image in sentence.images], size)
+    sets["scenes"] = to_tensor([Scene.random(seed).render(size) for seed in scene_seeds("heldout", 32)], size)
     psnrs, shown = {}, {}
     for name, images in sets.items():
         psnrs[name], recon = reconstruction_psnr(vq, images)
         shown[f"{name} {psnrs[name]:.1f} dB"] = (to_pil(images[:8]), to_pil(recon[:8]))  # one sentence shown
     save_png(reconstruction_figure(shown), out / "tokenizer_reconstructions.png")
-    return vq, {"psnr_photos": psnrs.pop("photos"), "psnr_procedural": psnrs}
+    return vq, {"psnr_photos": psnrs.pop("photos"), "psnr_scenes": psnrs.pop("scenes"), "psnr_procedural": psnrs}
 
 
 def shards_stage(out: Path, vq: VQGAN, settings: dict) -> tuple[Path, Path, dict]:
@@ -135,7 +138,8 @@ def analogies_stage(out: Path, model: LVM, vq: VQGAN, settings: dict) -> tuple[d
 
 # -- report ---------------------------------------------------------------------------------------------------
 def tokenizer_lines(metrics: dict) -> list[str]:
-    psnr_by_set = {"photos (held out)": metrics["psnr_photos"], **metrics["psnr_procedural"]}
+    psnr_by_set = {"photos (held out)": metrics["psnr_photos"], "VLM scenes": metrics["psnr_scenes"],
+                   **metrics["psnr_procedural"]}  # fmt: skip
     return ["tokenizer  PSNR dB", *(f"{name}  {value:.2f}" for name, value in psnr_by_set.items())]
 
 

@@ -30,6 +30,7 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
             assert set(group[key]) >= METHODS
         assert group["changed_token_accuracy"]["copy_query"] == 0.0
     assert set(metrics["tokenizer"]["psnr_procedural"]) == set(TASKS) and metrics["tokenizer"]["psnr_photos"] > 0
+    assert metrics["tokenizer"]["psnr_scenes"] > 0
     assert (tmp_path / "tokenizer" / "export" / "model.safetensors").exists()
     assert (tmp_path / "lvm" / "export" / "config.json").exists()
     vlm = metrics["vlm"]
