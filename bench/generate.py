@@ -1,13 +1,16 @@
 """Generation speed of LVM.generate against transformers' LlamaForCausalLM.generate, in one run.
 
-    python bench/generate.py [--repeats 3] [--new-tokens 256] [--prompt-images 7] [--threads 1]
+    python bench/generate.py [--repeats 2] [--new-tokens N] [--prompt-images 7] [--threads 1]
                              [--cases demo,demo_b8,h1024] [--no-compile]
 
 The in-context prompting case: one 256-token image generated after a 3-pair analogy prompt
 (7 images x 256 = 1792 tokens), greedy, only image codes allowed, fp32 on CPU. Cases:
     demo      `vqlm_demo` preset (positions extended to cover prompt + image), batch 1 -> ratio_vs_hf
-    demo_b8   the same, 8 different prompts in one batch                        -> ratio_vs_hf_b8
-    h1024     hidden 1024 / 8 layers (vqlm_300m's layer shape), batch 1, 3-image prompt -> ratio_vs_hf_h1024
+    demo_b8   the same, 8 different prompts in one batch, 64 new tokens          -> ratio_vs_hf_b8
+    h1024     hidden 1024 / 8 layers (vqlm_300m's layer shape), batch 1, 3-image prompt,
+              64 new tokens                                                      -> ratio_vs_hf_h1024
+(The two larger cases decode 64 tokens, not a whole image, so that the bench stays under 5 minutes on
+a shared 2-core machine; decode tokens/s does not depend on the count. --new-tokens sets all cases.)
 Both models hold the same random weights: HF loads our save_pretrained directory, with sdpa attention
 and its default dynamic cache, and suppresses the special ids like we do; the bench checks that all
 paths produce the same tokens. Ours runs twice: eager (the default) and with compile=True (static
@@ -37,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lvm import LVM, LVMConfig  # noqa: E402
 
 TOKENS_PER_IMAGE = 256
-CASES = {  # name: (preset, overrides, batch, prompt images)
-    "demo": ("vqlm_demo", {}, 1, 7),
-    "demo_b8": ("vqlm_demo", {}, 8, 7),
-    "h1024": ("vqlm_300m", {"num_layers": 8}, 1, 3),
+CASES = {  # name: (preset, overrides, batch, prompt images, new tokens)
+    "demo": ("vqlm_demo", {}, 1, 7, TOKENS_PER_IMAGE),
+    "demo_b8": ("vqlm_demo", {}, 8, 7, 64),
+    "h1024": ("vqlm_300m", {"num_layers": 8}, 1, 3, 64),
 }
 KEYS = {"demo": "ratio_vs_hf", "demo_b8": "ratio_vs_hf_b8", "h1024": "ratio_vs_hf_h1024"}
 
@@ -51,10 +54,11 @@ def timed(fn, *args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def bench_case(name: str, new_tokens: int, repeats: int, compile: bool, prompt_images: int | None) -> dict:
+def bench_case(name: str, new_tokens: int | None, repeats: int, compile: bool, prompt_images: int | None) -> dict:
     from transformers import LlamaForCausalLM
 
-    preset, overrides, batch, images = CASES[name]
+    preset, overrides, batch, images, case_tokens = CASES[name]
+    new_tokens = new_tokens or case_tokens
     prompt_length = (prompt_images or images) * TOKENS_PER_IMAGE
     config = LVMConfig.from_name(preset, **overrides)
     config.max_position_embeddings = max(config.max_position_embeddings, prompt_length + new_tokens)
@@ -119,8 +123,8 @@ def bench_case(name: str, new_tokens: int, repeats: int, compile: bool, prompt_i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=TOKENS_PER_IMAGE)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="override every case's count")
     parser.add_argument("--prompt-images", type=int, default=None, help="override every case's prompt")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
