@@ -169,10 +169,14 @@ class CompiledDecoder:
     def __call__(self, model: LVM, ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.slot.fill_(slot)
         self.ids.copy_(ids)
-        # Once compiled, dynamo's guards (hundreds of checks on the model's attributes, ~0.1-0.4 ms a
-        # step) are skipped: every input is this decoder's own buffer or a [B, 1] long tensor, and
-        # weight changes are caught by compiled_decoder's own key, which builds a new decoder.
-        with torch._inductor.config.patch(freezing=True, max_autotune_report_choices_stats=False), torch.compiler.set_stance(skip_guard_eval_unsafe=self.compiled):
+        if self.compiled:
+            # Dynamo's guards (hundreds of checks on the model's attributes, ~0.1-0.4 ms a step) are
+            # skipped: every input is this decoder's own buffer, and weight changes are caught by
+            # compiled_decoder's own key, which builds a new decoder.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.step(model, self.ids, self.slot)
+        # Inductor's config is read when compiling only; patching it costs ~1 ms, so not at every step.
+        with torch._inductor.config.patch(freezing=True, max_autotune_report_choices_stats=False):
             logits = self.step(model, self.ids, self.slot)
         self.compiled = True
         return logits
