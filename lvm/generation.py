@@ -13,11 +13,11 @@ of the special ids: the prompter decodes every new token as an image code.
 compile=True decodes as gpt-fast does: the KV cache is static (one buffer per layer, sized for prompt +
 new tokens rounded up to a multiple of CACHE_ROUND, reused by later calls of the same batch size and
 size class) and the one-token decode step is compiled by inductor with weight freezing (and, on CPU,
-max-autotune of its matrix kernels), so a step is a few fused kernels instead of a few hundred Python-
-dispatched ops; on CUDA it also runs as a CUDA graph. The prefill stays eager (a few large matmuls), and
-sampling stays eager so that seeds give the same tokens as the eager path. The first call compiles (tens
-of seconds on CPU); later calls in the process reuse the compiled step as long as the weights are not
-changed, so it pays for long or repeated generation, not for one short call.
+max-autotune of its matrix kernels), so a step is a few fused kernels instead of a few hundred
+Python-dispatched ops; on CUDA it also runs as a CUDA graph. The prefill stays eager (a few large
+matmuls), and sampling stays eager so that seeds give the same tokens as the eager path. The first call
+compiles (tens of seconds on CPU); later calls in the process reuse the compiled step as long as the
+weights are not changed, so it pays for long or repeated generation, not for one short call.
 """
 
 from __future__ import annotations
