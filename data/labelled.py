@@ -42,8 +42,8 @@ def same_color(split: str, count: int, size: int) -> tuple[torch.Tensor, torch.T
         first = int(rng.integers(len(COLORS)))
         second = first if same else (first + int(rng.integers(1, len(COLORS)))) % len(COLORS)
         shapes = [
-            Shape(kind=int(rng.integers(len(SHAPES))), color=color, radius=float(rng.uniform(0.12, 0.2)),
-                  center=(float(rng.uniform(low, low + 0.08)), float(rng.uniform(0.25, 0.75))))  # fmt: skip
+            Shape(kind=int(rng.integers(len(SHAPES))), color=int(color), radius=float(rng.uniform(0.12, 0.2)),
+                  center=(float(rng.uniform(low, low + 0.08)), float(rng.uniform(0.25, 0.75))))
             for color, low in zip(rng.permutation([first, second]), (0.22, 0.7), strict=True)
         ]  # one shape in each half: they never overlap
         scene = Scene(background=int(rng.integers(len(BACKGROUNDS))), shapes=shapes)
