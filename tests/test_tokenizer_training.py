@@ -71,6 +71,13 @@ def test_procedural_images_join_training_and_validation_from_disjoint_seeds():
     assert procedural[0].shape == (3, 32, 32) and not torch.equal(procedural[0], procedural[1])
 
 
+def test_reconstruction_loss_weighs_l1_and_squared_error():
+    images, recon = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)
+    for weights, expected in (({}, 0.5), ({"l1_weight": 0.0, "l2_weight": 1.0}, 0.25), ({"l2_weight": 2.0}, 1.0)):
+        loss, parts = VQGANModule(**TINY, **weights)._reconstruction_loss(images, recon)
+        assert loss.item() == pytest.approx(expected) and parts["l2"].item() == pytest.approx(0.25), weights
+
+
 def test_vlm_scenes_join_the_mix_beside_procedural_images():
     dm = ImageDataModule(resolution=32, train_samples_per_epoch=40, procedural_fraction=0.5, scene_fraction=0.25, val_procedural=4)
     dm.setup()
