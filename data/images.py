@@ -192,7 +192,8 @@ class ImageDataModule(L.LightningDataModule):
             if count:
                 train_sets.append(source("train", count, hp.resolution))
                 val_sets.append(source("heldout", hp.val_procedural, hp.resolution))
-        self.train_set, self.val_set = ConcatDataset(train_sets), ConcatDataset(val_sets)
+        # photos alone stay a plain ImageCrops (its `images` and `failed` are read by callers)
+        self.train_set, self.val_set = (sets[0] if len(sets) == 1 else ConcatDataset(sets) for sets in (train_sets, val_sets))
 
     def train_dataloader(self) -> DataLoader:
         sampler = _ResumableSampler(len(self.train_set), self.hparams.seed)
