@@ -1,6 +1,6 @@
 """Training-step throughput and memory of the LVM against transformers' LlamaForCausalLM, in one run.
 
-    python bench/train_step.py [--repeats 4] [--threads 2] [--compile]
+    python bench/train_step.py [--repeats 3] [--threads 2] [--compile]
 
 One step = forward + cross-entropy + backward + AdamW step, on the same config, weights and batch:
 ours through LVM.loss (the fused linear + cross-entropy of lvm/fused.py, what LVMModule trains with),
@@ -125,7 +125,7 @@ def compare(config: LVMConfig, batch: int, length: int, repeats: int, autocast: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="compile our blocks (LVM.compile_blocks)")
     args = parser.parse_args()

@@ -10,14 +10,14 @@ each row's positions at its first real token, so a batched row equals its prompt
 Only `allowed_ids` (default: the image codes 0..codebook_size-1) can be produced, whatever the logits
 of the special ids: the prompter decodes every new token as an image code.
 
-compile=True decodes as gpt-fast does: the KV cache is static (one buffer per layer, sized for prompt
-+ new tokens rounded up to a multiple of CACHE_ROUND, reused by later calls of the same batch size and
-size class) and the one-token decode step is compiled by inductor with weight freezing, so a step is
-a few fused kernels instead of a few hundred Python-dispatched ops; on CUDA it also runs as a CUDA
-graph. The prefill stays eager (a few large matmuls), and sampling stays eager so that seeds give the
-same tokens as the eager path. The first call compiles (tens of seconds on CPU); later calls in the
-process reuse the compiled step as long as the weights are not changed, so it pays for long or repeated
-generation, not for one short call.
+compile=True decodes as gpt-fast does: the KV cache is static (one buffer per layer, sized for prompt +
+new tokens rounded up to a multiple of CACHE_ROUND, reused by later calls of the same batch size and
+size class) and the one-token decode step is compiled by inductor with weight freezing (and, on CPU,
+max-autotune of its matrix kernels), so a step is a few fused kernels instead of a few hundred
+Python-dispatched ops; on CUDA it also runs as a CUDA graph. The prefill stays eager (a few large
+matmuls), and sampling stays eager so that seeds give the same tokens as the eager path. The first call
+compiles (tens of seconds on CPU); later calls in the process reuse the compiled step as long as the
+weights are not changed, so it pays for long or repeated generation, not for one short call.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def generate(
 class CompiledDecoder:
     """A static KV cache for `batch` rows of `length` slots and the one-token decode step compiled for it.
 
-    decoder(model, ids [B, 1], slot) -> logits [B, vocab]: feeds the tokens at cache slot `slot`. The slot goes
-    in as a tensor, so the compiled step never specialises on it. Inductor freezes the weights (folds
+    decoder(model, ids [B, 1], slot) -> logits [B, vocab]: feeds the tokens at cache slot `slot`. The slot and
+    the ids are copied into buffers of the decoder, so the compiled step never specialises on the slot's
+    value or the ids' strides. Inductor freezes the weights (folds
     them in as constants and prepacks them for its matmul kernels), set through its config flag:
     torch.compile(options={"freezing": True}) is silently ignored. Frozen weights are why a decoder is
     rebuilt when the parameters change (see compiled_decoder).
@@ -145,25 +146,40 @@ class CompiledDecoder:
         pad = torch.zeros(batch, dtype=torch.long, device=device)
         self.cache = KVCache(config.num_layers, pad, length, config.num_kv_heads, config.head_dim, dtype)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the fed tokens, fixed strides
         self.weights = _weights_key(model)
         cuda = device.type == "cuda"
         if cuda:  # CUDA graphs replay on fixed addresses: the cache is updated there, never copied in
-            for buffer in (*self.cache.k, *self.cache.v, self.cache.pad, self.slot):
+            for buffer in (*self.cache.k, *self.cache.v, self.cache.pad, self.slot, self.ids):
                 torch._dynamo.mark_static_address(buffer)
         # Dynamo keeps compiled graphs on the function's code object, and their guards do not look at
         # weight values: a code object of its own keeps frozen weights from serving another decoder.
         step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__)
+        # On CPU max-autotune benchmarks inductor's C++ GEMM templates (weights prepacked into blocks,
+        # epilogues fused) against the MKL calls: at batch 1 a step is matrix-vector products, and the
+        # templates read the weights ~1.4x faster.
         self.step = torch.compile(
             functools.partial(step, self.cache),  # not the model: decoders live in a dict weakly keyed by it
             fullgraph=True,
             dynamic=False,
-            mode="reduce-overhead" if cuda else None,
+            mode="reduce-overhead" if cuda else "max-autotune-no-cudagraphs",
         )
+        self.compiled = False
 
     def __call__(self, model: LVM, ids: torch.Tensor, slot: int) -> torch.Tensor:
         self.slot.fill_(slot)
-        with torch._inductor.config.patch(freezing=True):
-            return self.step(model, ids, self.slot)
+        self.ids.copy_(ids)
+        if self.compiled:
+            # Dynamo's guards (hundreds of checks on the model's attributes, ~0.1-0.4 ms a step) are
+            # skipped: every input is this decoder's own buffer, and weight changes are caught by
+            # compiled_decoder's own key, which builds a new decoder.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.step(model, self.ids, self.slot)
+        # Inductor's config is read when compiling only; patching it costs ~1 ms, so not at every step.
+        with torch._inductor.config.patch(freezing=True, max_autotune_report_choices_stats=False):
+            logits = self.step(model, self.ids, self.slot)
+        self.compiled = True
+        return logits
 
 
 def _decode_step(cache: KVCache, model: LVM, ids: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

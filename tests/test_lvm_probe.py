@@ -36,8 +36,18 @@ def test_labelled_data():
     assert not any(torch.equal(a, b) for a in images for b in test_images[:5])  # disjoint seeds
     digits, digit_labels, ten = labelled("digits", "test", 24)
     assert digits.shape == (360, 3, 24, 24) and ten == 10 and set(digit_labels.tolist()) == set(range(10))
-    with pytest.raises(ValueError, match="valid: shapes, colors, digits"):
+    with pytest.raises(ValueError, match="valid: shapes, colors, same_color, digits"):
         labelled("cifar", "train", 16)
+
+
+def test_same_color_pairs():
+    """Label 1 iff the two shapes share a colour: the image then holds 2 colours (background + one), else 3."""
+    images, labels, classes = labelled("same_color", "train", 32, count=40)
+    assert classes == 2 and 10 < int(labels.sum()) < 30
+    for image, label in zip(images, labels, strict=True):
+        assert len(torch.unique(image.reshape(3, -1), dim=1).T) == (2 if label else 3)
+    test_images, _, _ = labelled("same_color", "test", 32, count=40)
+    assert not any(torch.equal(a, b) for a in images for b in test_images[:5])
 
 
 def test_probe_is_ml_aims_pooling_classifier():
