@@ -80,6 +80,18 @@ def test_written_pixels_are_the_captioned_scene(corpus):
         assert (batch["gen_pixels"][index] - truth).abs().mean() < 0.06  # 64 px PNG resized to 32 px
 
 
+def test_conversations_share_skips_the_rest(corpus):
+    """conversations=0 keeps only caption samples (a generation-only stream); 1 keeps every conversation."""
+    kinds = {}
+    for share in (0.0, 1.0):
+        found, _ = batches(corpus, count=2, mixture={"generation": 1}, p_uncond=0.0, conversations=share)
+        kinds[share] = [KINDS[kind] for batch in found for *_, kind in documents(batch)]
+    assert set(kinds[0.0]) == {"generation"} and len(kinds[0.0]) > 4
+    assert "understanding" in kinds[1.0]
+    with pytest.raises(ValueError, match="conversations is the share"):
+        UnifiedDataModule(str(corpus / "train"), tokenizer=str(corpus / "tok"), conversations=1.5)
+
+
 def test_dropped_captions_leave_bos_and_begin_of_image(corpus):
     found, tokenizer = batches(corpus, count=2, mixture={"generation": 1}, p_uncond=0.999)
     boi = generation_token_ids(tokenizer)["boi_token_id"]

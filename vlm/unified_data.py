@@ -1,6 +1,8 @@
 """Batches for the unified model (vlm/unified.py): one stream mixing three kinds of document in every batch.
 
-    understanding  image -> text, loss on the text only         every conversation; caption samples by `mixture`
+    understanding  image -> text, loss on the text only         caption samples by `mixture`; conversations (a
+                                                                 `conversations` share of them: the rest are
+                                                                 skipped, for a generation-heavy stream)
     generation     caption -> <begin_of_image> <image_code> x T <end_of_image>, loss on the codes only; the
                    caption is replaced by pad tokens with probability `p_uncond` (classifier-free guidance:
                    the unconditional rows at inference are exactly that, as in Janus)
@@ -67,9 +69,10 @@ class UnifiedStream(VLMStream):
     `mixture`; `codes`: (VQ resolution R, codes per image T) of the model (UnifiedDataModule.set_generation)."""
 
     def __init__(self, *args, mixture: Mapping[str, float], p_uncond: float, interleaved_pairs: int,
-                 codes: tuple[int, int], **options):
+                 codes: tuple[int, int], conversations: float = 1.0, **options):
         super().__init__(*args, **options)
         self.mixture, self.p_uncond, self.interleaved_pairs = check_mixture(mixture), p_uncond, interleaved_pairs
+        self.conversations = conversations
         self.resolution, self.n_codes = codes
 
     def new_packer(self) -> Packer:
@@ -82,6 +85,8 @@ class UnifiedStream(VLMStream):
     def pack(self, packer: Packer, sample) -> Iterator:
         sample_json, images = sample
         caption = caption_of(sample_json, images)
+        if caption is None and self._choices.random() >= self.conversations:
+            return
         kind = "understanding" if caption is None else str(self._choices.choice(KINDS, p=list(self.mixture.values())))
         if kind == "understanding":
             yield from self.add(packer, sample_json, super().document(sample_json, images), kind=0, gen_pixels=None)
@@ -137,17 +142,21 @@ class UnifiedStream(VLMStream):
 class UnifiedDataModule(VLMDataModule):
     """VLMDataModule whose batches mix understanding, generation and interleaved documents (see the module
     docstring). mixture: {kind: weight} for caption samples (conversations are always understanding);
+    conversations: the share of conversation samples kept (in the training stream; validation keeps all);
     p_uncond: probability that a generation document loses its caption; interleaved_pairs: (caption, image)
     pairs per interleaved document. The model sets the VQ's resolution and codes per image (set_generation)."""
 
-    def __init__(self, *args, mixture: Mapping[str, float] | None = None, p_uncond: float = 0.1,
-                 interleaved_pairs: int = 3, **kwargs):
+    def __init__(self, *args, mixture: Mapping[str, float] | None = None, conversations: float = 1.0,
+                 p_uncond: float = 0.1, interleaved_pairs: int = 3, **kwargs):
         self.mixture = check_mixture(DEFAULT_MIXTURE if mixture is None else mixture)
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+        if not 0.0 <= conversations <= 1.0:
+            raise ValueError(f"conversations is the share of conversation samples kept, in [0, 1], got {conversations}")
         if interleaved_pairs < 1:
             raise ValueError(f"interleaved_pairs must be >= 1, got {interleaved_pairs}")
         self.p_uncond, self.interleaved_pairs, self.codes = p_uncond, interleaved_pairs, None
+        self.conversations = conversations
         super().__init__(*args, **kwargs)
 
     def check_sources(self) -> None:
@@ -167,6 +176,7 @@ class UnifiedDataModule(VLMDataModule):
         return UnifiedStream(
             sets, self.seq_len, self.batch_size, self.tokenizer, self.processor, self.sources, pack=self.pack,
             mixture=self.mixture, p_uncond=self.p_uncond, interleaved_pairs=self.interleaved_pairs, codes=self.codes,
+            conversations=self.conversations if train else 1.0,
             seed=self.seed, shuffle=train, shuffle_buffer=self.shuffle_buffer, rank=self.rank,
             world_size=self.world_size, tag=train,
         )  # fmt: skip
