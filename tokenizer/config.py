@@ -29,9 +29,8 @@ class VQGANConfig(NamedConfig):
     commitment: float = 0.25
     dropout: float = 0.0
     # GroupNorm groups in the encoder and decoder. taming's 32 makes each group a single channel at a
-    # 32-channel width: per-image, per-channel normalisation erases the mean colour of flat regions (the
-    # decoder's last norm cannot then set an image's overall colour). 1 normalises over all channels
-    # jointly and keeps their relative levels.
+    # 32-channel width (per-channel normalisation); 1 normalises over all channels jointly. On the demo's
+    # images 1 did not help (400 batches: 15.2 dB against 16.4 with 32), so taming's stays the default.
     norm_groups: int = 32
     pixel_range: tuple[float, float] = (-1.0, 1.0)
     # Quantizer options beyond taming's; off for loaded checkpoints.
