@@ -21,8 +21,8 @@ CONFIG = "configs/unified/demo.yaml"
 # Sampled, not greedy: greedy decoding with guidance collapses onto the background codes (measured: the drawn
 # attribute accuracy falls below the empty caption's), and a higher guidance separates the caption more.
 SAMPLING = dict(guidance_scale=5.0, temperature=1.0, top_k=32, seed=0)
-FULL = dict(steps=600, draw_scenes=48, qa_scenes=16, grid_rows=10, train_args=[], sampling=SAMPLING)
-SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2, train_args=[], sampling=SAMPLING)
+FULL = dict(steps=600, draw_scenes=48, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
+SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2, sampling=SAMPLING)
 
 
 def cpu_seconds() -> float:
@@ -50,7 +50,6 @@ def run(out: Path, train, smoke: bool = False, settings: dict | None = None) -> 
         "--model.generation", json.dumps(generation), "--data.tokenizer", tokenizer,
         "--data.train", str(vlm_dir / "shards" / "train"), "--data.val", str(vlm_dir / "shards" / "val"),
         "--trainer.max_steps", str(settings["steps"]), "--trainer.val_check_interval", str(settings["steps"]),
-        *settings["train_args"],
     ])  # fmt: skip
     trained = cpu_seconds()
     chat = Chat(VLM.from_pretrained(export), load_text_tokenizer(tokenizer))
