@@ -160,12 +160,12 @@ def test_cli_fit_with_csv_logger_resumes_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_small_vqgan_learns_the_embedded_photos(tmp_path):
-    """The demo preset, a few hundred steps on CPU: held-out L1 at least halves and most of its
-    512-code book is in use."""
+    """The demo preset with dead-code restarts, a few hundred steps on CPU: held-out L1 at least halves
+    and most of its 512-code book is in use."""
     L.seed_everything(0)
     steps = 600
     module = VQGANModule(
-        model="vqgan_demo",
+        model="vqgan_demo", model_overrides={"dead_code_threshold": 0.05},
         perceptual_weight=0.0, disc_start=10**9, learning_rate=1e-3, betas=(0.9, 0.99),
     )  # fmt: skip
     data = ImageDataModule(resolution=32, batch_size=8, train_samples_per_epoch=8 * steps, val_zooms=1)

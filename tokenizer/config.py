@@ -91,10 +91,13 @@ PRESETS: dict[str, VQGANConfig] = {
         VQGANConfig("vqgan_imagenet_f16_1024", codebook_size=1024, **_TAMING_IMAGENET),
         VQGANConfig("vqgan_imagenet_f16_16384", codebook_size=16384, **_TAMING_IMAGENET),
         # Demo: 32x32 images, f4 -> 64 tokens per image, a 512-code book that trains on 2 CPU cores in minutes.
+        # No dead-code restarts: on flat-colour images they spread one background over many codes (26 distinct
+        # codes for ~31 background patches of a scene, against 12 without), which the LVM then has to learn;
+        # without them the demo LVM's changed-token accuracy rose from 0.24 to 0.45 for 1-2 dB of PSNR.
         VQGANConfig(
             "vqgan_demo", resolution=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
             attn_resolutions=(), mid_attention=False, z_channels=32, embed_dim=16, codebook_size=512,
-            pixel_range=(-1.0, 1.0), l2_normalized_codes=True, dead_code_threshold=0.05,
+            pixel_range=(-1.0, 1.0), l2_normalized_codes=True,
         ),
         # Tests: the smallest shape that exercises every block kind (attention included).
         VQGANConfig(
