@@ -17,7 +17,10 @@ SCENES = [Scene.random(seed) for seed in scene_seeds("heldout", 120)]
 @pytest.mark.parametrize("size", [32, 64])
 def test_true_renders_score_one_and_other_scenes_near_chance(size):
     images = [scene.render(size) for scene in SCENES]
-    assert attribute_accuracy(images, SCENES) == {"color": 1.0, "shape": 1.0, "position": 1.0, "accuracy": 1.0}
+    scores = attribute_accuracy(images, SCENES)
+    assert scores == {"color": 1.0, "shape": 1.0, "position": 1.0, "accuracy": 1.0, "judgements": scores["judgements"]}
+    # one colour, one shape and one position judgement per described shape
+    assert scores["judgements"] == 3 * sum(len(scene.shapes) for scene in SCENES)
     shifted = attribute_accuracy(images[1:] + images[:1], SCENES)  # each caption scored on the next scene
     # chance: a colour is present ~1/3 of the time, then its kind matches 1/3, its place rarely
     assert 0.25 < shifted["color"] < 0.5 and shifted["shape"] < 0.25 and shifted["position"] < 0.15

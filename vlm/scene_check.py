@@ -179,7 +179,8 @@ def check_image(image, scene: Scene) -> dict[str, list[bool]]:
 
 
 def attribute_accuracy(images: Sequence, scenes: Sequence[Scene]) -> dict[str, float]:
-    """Mean accuracy per attribute and over every judgement ("accuracy") of images drawn from `scenes`' captions."""
+    """Mean accuracy per attribute and over every judgement ("accuracy") of images drawn from `scenes`' captions,
+    and the number of judgements ("judgements": the standard error of "accuracy" is at most 0.5 / sqrt of it)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images for {len(scenes)} scenes: give one image per scene")
     totals = {attribute: [] for attribute in ATTRIBUTES}
@@ -187,5 +188,7 @@ def attribute_accuracy(images: Sequence, scenes: Sequence[Scene]) -> dict[str, f
         for attribute, judged in check_image(image, scene).items():
             totals[attribute].extend(judged)
     result = {attribute: float(np.mean(judged)) if judged else 0.0 for attribute, judged in totals.items()}
-    result["accuracy"] = float(np.mean([j for judged in totals.values() for j in judged])) if scenes else 0.0
+    every = [j for judged in totals.values() for j in judged]
+    result["accuracy"] = float(np.mean(every)) if every else 0.0
+    result["judgements"] = len(every)
     return result

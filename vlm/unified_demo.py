@@ -21,7 +21,7 @@ CONFIG = "configs/unified/demo.yaml"
 # Sampled, not greedy: greedy decoding with guidance collapses onto the background codes (measured: the drawn
 # attribute accuracy falls below the empty caption's), and a higher guidance separates the caption more.
 SAMPLING = dict(guidance_scale=5.0, temperature=1.0, top_k=32, seed=0)
-FULL = dict(steps=1000, draw_scenes=48, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
+FULL = dict(steps=1000, draw_scenes=192, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
 SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2, sampling=SAMPLING)
 
 
@@ -124,8 +124,10 @@ def save_draw_grid(path: Path, captions: list[str], columns: dict) -> None:
 
 def table_lines(metrics: dict) -> list[str]:
     t2i, qa = metrics["t2i_attribute_accuracy"], metrics["i2t_exact_match"]
+    judgements = metrics["t2i_per_attribute"]["model"]["judgements"]
     return [
-        f"{'unified, held-out scenes':<28}{'model':>8}{'empty caption':>15}{'shuffled caption':>18}{'VQ of truth':>13}",
+        f"{'unified, held-out scenes':<28}{'model':>8}{'empty caption':>15}{'shuffled caption':>18}{'VQ of truth':>13}"
+        f"   ({judgements} judgements, standard error <= {0.5 / max(judgements, 1) ** 0.5:.3f})",
         f"{'t2i attribute accuracy':<28}{t2i['model']:>8.3f}{t2i['unconditional']:>15.3f}{t2i['shuffled_caption']:>18.3f}"
         f"{t2i['vq_round_trip']:>13.3f}",
         f"{'i2t QA exact match':<28}{qa['model']:>8.3f}   (blank image {qa['blank_image']:.3f}, text only {qa['text_only']:.3f})",
