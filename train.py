@@ -16,16 +16,24 @@ os.environ.setdefault("WANDB_MODE", "offline")  # WANDB_MODE=online syncs
 
 
 def quiet_lightning_notices() -> None:
-    """Drop messages about Lightning itself rather than the run (each names what it drops; nothing else is
+    """Drop messages about Lightning or torch themselves, not the run (each names what it drops; nothing else is
     filtered, so real warnings and errors still print):
     - a FutureWarning that newer torch raises inside Lightning's own pytree helper on every fit;
     - ModelCheckpoint's note (with a code sample) that a manual-optimisation module's checkpoint holds the
       weights after the step: the tokenizer saves exactly that on purpose (resume continues from it);
-    - the advert for Lightning's cloud logger."""
+    - the note that modules are in eval mode when training starts: the VLM modules keep their frozen vision
+      encoder and VQ tokenizer in eval mode on purpose;
+    - the advert for Lightning's cloud logger;
+    - torch's note, when compiling with a CUDA build of torch on a machine without a GPU, that it found no
+      CUDA runtime (the demo LVM compiles its blocks on the CPU)."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith("💡 Tip")
+    )
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found")
     )
 
 
