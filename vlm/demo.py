@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG = "configs/vlm/demo.yaml"
-FULL = dict(train_scenes=3000, heldout_scenes=60, align_steps=30, sft_steps=700, val_every=350)
+FULL = dict(train_scenes=3000, heldout_scenes=60, align_steps=30, sft_steps=600, val_every=300)
 SMOKE = dict(train_scenes=8, heldout_scenes=2, align_steps=2, sft_steps=2, val_every=2)
 
 

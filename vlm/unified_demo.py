@@ -21,7 +21,7 @@ CONFIG = "configs/unified/demo.yaml"
 # Sampled, not greedy: greedy decoding with guidance collapses onto the background codes (measured: the drawn
 # attribute accuracy falls below the empty caption's), and a higher guidance separates the caption more.
 SAMPLING = dict(guidance_scale=5.0, temperature=1.0, top_k=32, seed=0)
-FULL = dict(steps=600, draw_scenes=192, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
+FULL = dict(steps=600, draw_scenes=128, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
 SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2, sampling=SAMPLING)
 
 
