@@ -93,7 +93,7 @@ PRESETS: dict[str, VQGANConfig] = {
         # Demo: 32x32 images, f4 -> 64 tokens per image, a 512-code book that trains on 2 CPU cores in minutes.
         # No dead-code restarts: on flat-colour images they spread one background over many codes (26 distinct
         # codes for ~31 background patches of a scene, against 12 without), which the LVM then has to learn;
-        # without them the demo LVM's changed-token accuracy rose from 0.24 to 0.33-0.45 (two tokenizer runs)
+        # without them the demo LVM's changed-token accuracy rose from 0.24 to 0.33-0.45 (three tokenizer runs)
         # for about 1 dB of PSNR.
         VQGANConfig(
             "vqgan_demo", resolution=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
