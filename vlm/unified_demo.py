@@ -33,14 +33,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run(out: Path, train, smoke: bool = False, settings: dict | None = None) -> dict:
+def run(out: Path, train, smoke: bool = False) -> dict:
     """train(config, run_dir, extra_args) -> export dir (scripts/demo.py). Needs the tokenizer stage's VQGAN
-    (<out>/tokenizer/export) and the VLM stage's outputs (<out>/vlm). `settings` replaces FULL / SMOKE."""
+    (<out>/tokenizer/export) and the VLM stage's outputs (<out>/vlm)."""
     from vlm import VLM
     from vlm.chat import Chat
     from vlm.text import load_text_tokenizer
 
-    settings = settings or (SMOKE if smoke else FULL)
+    settings = SMOKE if smoke else FULL
     start = cpu_seconds()
     out, vlm_dir = Path(out), Path(out) / "vlm"
     generation = {"tokenizer": {"kind": "vqgan", "path": str(out / "tokenizer" / "export")}, "embed_dim": 16}
