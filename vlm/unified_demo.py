@@ -19,8 +19,10 @@ from pathlib import Path
 
 CONFIG = "configs/unified/demo.yaml"
 # Sampled, not greedy: greedy decoding with guidance collapses onto the background codes (measured: the drawn
-# attribute accuracy falls below the empty caption's), and a higher guidance separates the caption more.
-SAMPLING = dict(guidance_scale=5.0, temperature=1.0, top_k=32, seed=0)
+# attribute accuracy falls below the empty caption's). Temperature 0.7 and top-k 16 draw fewer stray codes than
+# 1.0 / 32: on 384 other held-out captions (seeds from 1000, not the scored ones) the margin over the shuffled
+# caption rose from 0.056 to 0.085 (README, "Training a model that reads and writes images").
+SAMPLING = dict(guidance_scale=5.0, temperature=0.7, top_k=16, seed=0)
 FULL = dict(steps=600, draw_scenes=128, qa_scenes=16, grid_rows=10, sampling=SAMPLING)
 SMOKE = dict(steps=2, draw_scenes=2, qa_scenes=1, grid_rows=2, sampling=SAMPLING)
 
