@@ -39,7 +39,8 @@ def test_demo_smoke_runs_every_stage_and_reuses_outputs(tmp_path):
     assert (tmp_path / "vlm" / "qa_grid.png").exists() and (tmp_path / "vlm" / "sft" / "export" / "config.json").exists()
     assert set(metrics["aim"]["probe_top1"]) == {"aim", "lvm", "random_init"} and metrics["aim"]["count"] > 0
     unified = metrics["unified"]
-    assert set(unified["t2i_attribute_accuracy"]) == {"model", "unconditional", "shuffled_caption", "vq_round_trip"}
+    assert set(unified["t2i_attribute_accuracy"]) == {"model", "unconditional", "shuffled_caption", "vq_round_trip",
+                                                     "model_one_sample", "shuffled_caption_one_sample"}
     assert all(0 <= v <= 1 for v in unified["t2i_attribute_accuracy"].values())
     assert set(unified["i2t_exact_match"]) == {"model", "blank_image", "text_only"}
     assert (tmp_path / "unified" / "draw_grid.png").exists()

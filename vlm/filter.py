@@ -56,6 +56,8 @@ def answer_nll(model, documents: list, pad_id: int) -> tuple[torch.Tensor, torch
     for row, (ids, row_labels, _) in enumerate(documents):
         input_ids[row, : len(ids)], labels[row, : len(ids)] = torch.as_tensor(ids), torch.as_tensor(row_labels)
     pixels = torch.cat([pixels for _, _, pixels in documents])
+    device = next(model.parameters()).device
+    input_ids, labels, pixels = input_ids.to(device), labels.to(device), pixels.to(device)
     logits = model(input_ids=input_ids, pixel_values=pixels if len(pixels) else None).logits  # [B, L, vocab]
     targets = labels[:, 1:]  # position t predicts token t + 1
     per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
