@@ -55,7 +55,8 @@ def run(out: Path, train, smoke: bool = False) -> dict:
         "--trainer.max_steps", str(settings["steps"]), "--trainer.val_check_interval", str(settings["steps"]),
     ])  # fmt: skip
     trained = cpu_seconds()
-    # all held-out captions in one batch: a draw of this small model is per-step overhead (2.4 s in batches of 32, 1.6 s)
+    # all held-out captions in one batch: drawing with this small model is per-step overhead (128 captions: 2.4 s in
+    # batches of 32, 1.6 s in one)
     chat = Chat(VLM.from_pretrained(export), load_text_tokenizer(tokenizer), batch_size=settings["draw_scenes"])
     metrics = score(chat, settings, out / "unified")
     metrics["cpu_s"] = {"train": round(trained - start, 1), "draw_and_score": round(cpu_seconds() - trained, 1)}
