@@ -13,7 +13,8 @@ jobs whose output exists are skipped, so an interrupted batch resumes:
 Grids: one row per candidate, prompt | generation | ground truth.
 
 Drawing from text with a VLM that writes images (configs/unified; --model is the VLM, --tokenizer its text
-tokenizer), after (image, caption) examples for in-context generation (EMU2); the grid: caption | examples | drawn:
+tokenizer), after (image, caption) examples for in-context generation (EMU2); the grid: caption | examples | drawn,
+the one whose caption the model reads back best (lowest NLL) first:
     python scripts/prompt.py --model runs/demo/unified/export --tokenizer runs/demo/vlm/tokenizer \
         --draw "a small red circle on the left on a plain white background" --example a.png "a blue square ..." \
         --candidates 4 --temperature 1.0 --out drawn.png
@@ -75,10 +76,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def draw_main(args: argparse.Namespace) -> None:
-    """--draw: `candidates` images of the caption (seeds seed, seed + 1, ...) after the examples, as one grid."""
+    """--draw: `candidates` images of the caption (seeds seed, seed + 1, ...) after the examples, as one grid,
+    the one the model reads back best first (vlm.draw.caption_nll: the caption's NLL after the image)."""
     from tokenizer.images import resolve_image
     from vlm.chat import Chat
-    from vlm.draw import draw
+    from vlm.draw import caption_nll, draw
     from vlm.unified_demo import save_draw_grid
 
     try:
@@ -89,9 +91,11 @@ def draw_main(args: argparse.Namespace) -> None:
         drawn = [draw(chat, [args.draw], examples, seed=(args.seed or 0) + i, **options)[0] for i in range(args.candidates)]
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
+    ranked = sorted(zip(caption_nll(chat, drawn, [args.draw] * len(drawn)), range(len(drawn)), drawn, strict=True))
     size = drawn[0].size
     columns = {f"example {i + 1}": [image.convert("RGB").resize(size)] for i, (_, image) in enumerate(examples)}
-    save_draw_grid(Path(args.out), [args.draw], {**columns, **{f"drawn {i + 1}": [im] for i, im in enumerate(drawn)}})
+    columns |= {f"seed {(args.seed or 0) + i}, nll {nll:.1f}": [image] for nll, i, image in ranked}
+    save_draw_grid(Path(args.out), [args.draw], columns)
     print(f"wrote {args.out}")
 
 
