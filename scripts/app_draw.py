@@ -16,7 +16,7 @@ def draw_images(chat: Chat, caption: str, files: list[str] | None, example_capti
     """Gradio handler: `count` images of `caption` (seeds seed, seed + 1, ..) after the (file, caption) examples,
     one caption per line in the order of the files."""
     from tokenizer.images import resolve_image
-    from vlm.draw import draw
+    from vlm.draw import draw_candidates
 
     captions = [line.strip() for line in (example_captions or "").splitlines() if line.strip()]
     files = files or []
@@ -28,7 +28,7 @@ def draw_images(chat: Chat, caption: str, files: list[str] | None, example_capti
     try:
         examples = [(text, resolve_image(path, "example file")) for text, path in zip(captions, files, strict=True)]
         options = {"guidance_scale": float(guidance), "temperature": float(temperature)}
-        return [draw(chat, [caption.strip()], examples, seed=int(seed) + i, **options)[0] for i in range(int(count))]
+        return [images[0] for images in draw_candidates(chat, [caption.strip()], int(count), examples, int(seed), **options)]
     except ValueError as error:
         raise gr.Error(str(error), duration=30, print_exception=False) from None
 

@@ -80,7 +80,7 @@ def draw_main(args: argparse.Namespace) -> None:
     the one the model reads back best first (vlm.draw.caption_nll: the caption's NLL after the image)."""
     from tokenizer.images import resolve_image
     from vlm.chat import Chat
-    from vlm.draw import caption_nll, draw
+    from vlm.draw import caption_nll, draw_candidates
     from vlm.unified_demo import save_draw_grid
 
     try:
@@ -88,7 +88,7 @@ def draw_main(args: argparse.Namespace) -> None:
         chat = Chat.load(args.model, args.tokenizer, args.device)
         options = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
                    "top_p": args.top_p}  # fmt: skip
-        drawn = [draw(chat, [args.draw], examples, seed=(args.seed or 0) + i, **options)[0] for i in range(args.candidates)]
+        drawn = [images[0] for images in draw_candidates(chat, [args.draw], args.candidates, examples, args.seed or 0, **options)]
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     ranked = sorted(zip(caption_nll(chat, drawn, [args.draw] * len(drawn)), range(len(drawn)), drawn, strict=True))

@@ -157,7 +157,7 @@ def test_draw_in_context_reads_the_examples(corpus):
 
 def test_best_of_candidates_is_the_one_the_model_reads_back_best(corpus):
     from vlm.chat import Chat
-    from vlm.draw import best_read, caption_nll, draw
+    from vlm.draw import best_read, caption_nll, draw, draw_candidates
     from vlm.scenes import Scene
 
     module, _ = module_and_data(corpus)
@@ -167,13 +167,14 @@ def test_best_of_candidates_is_the_one_the_model_reads_back_best(corpus):
     # batched and right-padded = one unpadded forward per caption
     with torch.no_grad():
         for image, caption, batched in zip(images, captions, caption_nll(chat, images, captions), strict=True):
-            ids, pixels = chat.prompt_ids([{"role": "text", "content": f"{chat.image_token}\n"}], [image], False)
+            ids, pixels = chat.caption_prompt(image)
             answer = chat.tokenizer(caption, add_special_tokens=False)["input_ids"]
             logits = module.model(input_ids=torch.tensor([ids + answer]), pixel_values=pixels).logits[0, len(ids) - 1 : -1]
             alone = torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum")
             assert batched == pytest.approx(alone.item(), rel=1e-4)
     assert caption_nll(chat, images[:1], [""]) == [0.0]  # nothing to read: every candidate ties, the first is kept
-    rounds = [draw(chat, captions, seed=s) for s in (5, 6, 7)]
+    rounds = draw_candidates(chat, captions, 3, seed=5)
+    assert [p.tobytes() for p in rounds[1]] == [p.tobytes() for p in draw(chat, captions, seed=6)]
     scores = [caption_nll(chat, drawn, captions) for drawn in rounds]
     picked = best_read(chat, rounds, captions)
     for i, image in enumerate(picked):

@@ -116,9 +116,11 @@ class Chat:
 
     def caption(self, images: list[Image.Image], max_new_tokens: int = 24, **options) -> list[str]:
         """The text that follows each image as a document segment (how captions are trained)."""
-        prompts = [self.prompt_ids([{"role": "text", "content": f"{self.image_token}\n"}], [image], generation_prompt=False)
-                   for image in images]  # fmt: skip
-        return self.generate(prompts, max_new_tokens, **options)
+        return self.generate([self.caption_prompt(image) for image in images], max_new_tokens, **options)
+
+    def caption_prompt(self, image: Image.Image):
+        """(ids, pixel tiles) of `image` as a document segment that its caption follows: `<image>` newline."""
+        return self.prompt_ids([{"role": "text", "content": f"{self.image_token}\n"}], [image], generation_prompt=False)
 
     def stream(self, turns: list[dict], images: list, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float = 1.0, seed: int | None = None) -> Iterator[str]:  # fmt: skip

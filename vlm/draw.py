@@ -4,6 +4,7 @@
     images = draw(chat, ["a small red circle on the left on a plain white background"])            # PIL images
     images = draw(chat, [caption], examples=[(caption_1, image_1), (caption_2, image_2)])          # in context
     images = draw(chat, captions, candidates=4)     # the best of 4 per caption, judged by the model's own reading
+    rounds = draw_candidates(chat, captions, 4)     # all 4: rounds[k][n], seeds 0..3; best_read(chat, rounds, captions)
 
 The prompt is vlm.unified_data.image_prompt, the layout the model trained on: each example caption followed by
 its image read through the connector, then the caption and `<begin_of_image>`; the model writes the codes with
@@ -38,11 +39,9 @@ def draw(chat: Chat, captions: Sequence[str], examples: Sequence[tuple[str, Imag
 
     if chat.vlm.config.generation is None:
         raise ValueError(NO_GENERATION_SIDE)
-    if candidates < 1:
-        raise ValueError(f"candidates is the number of images drawn per caption, >= 1; got {candidates}")
-    if candidates > 1:
-        sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        rounds = [draw(chat, captions, examples, seed=seed + i, **sampling) for i in range(candidates)]
+    if candidates != 1:
+        rounds = draw_candidates(chat, captions, candidates, examples, seed=seed, guidance_scale=guidance_scale,
+                                 temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
         return best_read(chat, rounds, captions)
     context = [caption for caption, _ in examples]
     pictures = [image for _, image in examples]
@@ -63,6 +62,14 @@ def draw(chat: Chat, captions: Sequence[str], examples: Sequence[tuple[str, Imag
     return drawn
 
 
+def draw_candidates(chat: Chat, captions: Sequence[str], candidates: int,
+                    examples: Sequence[tuple[str, Image.Image]] = (), seed: int = 0, **sampling) -> list[list[Image.Image]]:
+    """`candidates` rounds of `draw` (seeds seed .. seed + candidates - 1) -> images [k][n], round k for seed + k."""
+    if candidates < 1:
+        raise ValueError(f"candidates is the number of images drawn per caption, >= 1; got {candidates}")
+    return [draw(chat, captions, examples, seed=seed + k, **sampling) for k in range(candidates)]
+
+
 def best_read(chat: Chat, rounds: Sequence[Sequence[Image.Image]], captions: Sequence[str]) -> list[Image.Image]:
     """rounds [k][n] of images drawn for n captions -> per caption, the image with the lowest caption_nll."""
     scores = [caption_nll(chat, images, captions) for images in rounds]  # [k][n]
@@ -78,7 +85,7 @@ def caption_nll(chat: Chat, images: Sequence[Image.Image], captions: Sequence[st
 
     documents = []
     for image, caption in zip(images, captions, strict=True):
-        ids, pixels = chat.prompt_ids([{"role": "text", "content": f"{chat.image_token}\n"}], [image], False)
+        ids, pixels = chat.caption_prompt(image)
         answer = chat.tokenizer(caption, add_special_tokens=False)["input_ids"]
         documents.append((ids + answer, [IGNORE_INDEX] * len(ids) + answer, pixels))
     pad = chat.tokenizer.pad_token_id or 0

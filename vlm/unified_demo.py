@@ -68,7 +68,7 @@ def score(chat, settings: dict, out: Path) -> dict:
     import torch
 
     from tokenizer import to_pil, to_tensor
-    from vlm.draw import best_read, draw
+    from vlm.draw import best_read, draw, draw_candidates
     from vlm.evaluation import score_scenes
     from vlm.scene_check import attribute_accuracy
     from vlm.scenes import Scene, scene_seeds
@@ -81,7 +81,7 @@ def score(chat, settings: dict, out: Path) -> dict:
         round_trip = to_pil(chat.vlm.decode_images(chat.vlm.encode_images(to_tensor(truth).to(chat.device))))
     sampling, shuffled = settings["sampling"], captions[1:] + captions[:1]  # each shuffled one scored on its neighbour
     best = f"best of {settings['candidates']}"
-    rounds = {name: [draw(chat, texts, **{**sampling, "seed": sampling["seed"] + i}) for i in range(settings["candidates"])]
+    rounds = {name: draw_candidates(chat, texts, settings["candidates"], **sampling)
               for name, texts in (("generated", captions), ("shuffled caption", shuffled))}  # fmt: skip
     drawn = {
         best: best_read(chat, rounds["generated"], captions),
