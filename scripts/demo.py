@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tasks whose answers are position-aligned with the query; segmentation's palette is drawn per sentence,
 # so only the examples tell the model which colours to paint.
 TASKS = ("segmentation", "recolor", "edges", "colorize")
-PAIRS_PER_SENTENCE = 4  # 8 images x 64 tokens + BOS/EOS = 514 tokens: two sentences fill a 1028-token row
+PAIRS_PER_SENTENCE = 4  # 8 images x 64 tokens + BOS/EOS = 514 tokens: the LVM's row (configs/lvm/demo.yaml)
 SUMMARY_ROWS = 2  # held-out prompts per task in summary.png (the task grids show more)
 
 FULL = dict(train_sentences=1600, val_sentences=64, eval_per_task=16, tokenizer_args=[], lvm_args=[])
