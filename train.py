@@ -23,12 +23,14 @@ def quiet_lightning_notices() -> None:
       weights after the step: the tokenizer saves exactly that on purpose (resume continues from it);
     - the note that modules are in eval mode when training starts: the VLM modules keep their frozen vision
       encoder and VQ tokenizer in eval mode on purpose;
+    - the model summary's note that it sizes a bf16-mixed model in fp32 (the demo LVM trains in bf16-mixed);
     - the advert for Lightning's cloud logger;
     - torch's note, when compiling with a CUDA build of torch on a machine without a GPU, that it found no
       CUDA runtime (the demo LVM compiles its blocks on the CPU)."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not record.getMessage().startswith("💡 Tip")
     )
