@@ -155,6 +155,21 @@ def test_draw_in_context_reads_the_examples(corpus):
         draw(reader, [caption])
 
 
+def test_prompts_of_different_lengths_batch_like_each_alone(corpus):
+    from vlm.chat import Chat
+    from vlm.draw import draw
+    from vlm.scenes import Scene
+
+    module, _ = module_and_data(corpus)
+    batched, alone = (Chat(module.model, load_text_tokenizer(corpus / "tok"), batch_size=n) for n in (2, 1))
+    captions = [Scene.random(0).caption(), "a red circle"]  # left-padded to the longer one's length
+    drawn = {chat.batch_size: [p.tobytes() for p in draw(chat, captions, temperature=0.0)] for chat in (batched, alone)}
+    assert drawn[2] == drawn[1]
+    prompts = [batched.prompt_ids([{"role": "user", "content": text}], []) for text in ("hi", "what colour is the circle")]
+    assert len(prompts[0][0]) != len(prompts[1][0])
+    assert batched.generate(prompts, 6) == alone.generate(prompts, 6)
+
+
 def test_best_of_candidates_is_the_one_the_model_reads_back_best(corpus):
     from vlm.chat import Chat
     from vlm.draw import best_read, caption_nll, draw, draw_candidates

@@ -91,17 +91,24 @@ class Chat:
         options = {"temperature": 0.0, "eos_token_id": self.stop_ids} | options
         texts = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            pad = self.tokenizer.pad_token_id or 0
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk], device=self.device)
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk], device=self.device)
-            pixels = [p for _, p in chunk if p is not None]
-            pixels = torch.cat(pixels).to(self.device) if pixels else None
+            input_ids, mask, pixels = self.left_padded(prompts[start : start + self.batch_size])
             new = self.vlm.generate(input_ids=input_ids, pixel_values=pixels, attention_mask=mask,
                                     max_new_tokens=max_new_tokens, **options)  # fmt: skip
             texts += [self.tokenizer.decode(self._answer_ids(row.tolist()), skip_special_tokens=True).strip() for row in new]
         return texts
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    def left_padded(self, prompts: list[tuple[list[int], torch.Tensor | None]]):
+        """(ids, pixels) prompts -> (input_ids long [B, L] left-padded, attention_mask [B, L], pixel tiles or None)
+        on the model's device: one batch for generation, each prompt ending at the last position."""
+        width = max(len(ids) for ids, _ in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids, _ in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=self.device)
+        pixels = [p for _, p in prompts if p is not None]
+        return input_ids, mask, torch.cat(pixels).to(self.device) if pixels else None
 
     def _answer_ids(self, ids: list[int]) -> list[int]:
         """The ids before the first stop id."""

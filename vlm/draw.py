@@ -50,11 +50,7 @@ def draw(chat: Chat, captions: Sequence[str], examples: Sequence[tuple[str, Imag
     for start in range(0, len(captions), chat.batch_size):
         prompts = [chat.prompt_ids([{"role": "text", "content": image_prompt(caption, context)}], pictures, False)
                    for caption in captions[start : start + chat.batch_size]]  # fmt: skip
-        width = max(len(ids) for ids, _ in prompts)
-        pad = chat.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in prompts], device=chat.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in prompts], device=chat.device)
-        pixels = torch.cat([p for _, p in prompts]).to(chat.device) if pictures else None
+        input_ids, mask, pixels = chat.left_padded(prompts)
         codes = chat.vlm.generate_images(input_ids, attention_mask=mask, pixel_values=pixels,
                                          guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                                          top_p=top_p, generator=generator)  # fmt: skip
@@ -88,9 +84,8 @@ def caption_nll(chat: Chat, images: Sequence[Image.Image], captions: Sequence[st
         ids, pixels = chat.caption_prompt(image)
         answer = chat.tokenizer(caption, add_special_tokens=False)["input_ids"]
         documents.append((ids + answer, [IGNORE_INDEX] * len(ids) + answer, pixels))
-    pad = chat.tokenizer.pad_token_id or 0
     totals = []
     for start in range(0, len(documents), chat.batch_size):
-        nll, _ = answer_nll(chat.vlm, documents[start : start + chat.batch_size], pad)
+        nll, _ = answer_nll(chat.vlm, documents[start : start + chat.batch_size], chat.pad_id)
         totals += nll.tolist()
     return totals

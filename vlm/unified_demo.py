@@ -90,24 +90,18 @@ def score(chat, settings: dict, out: Path) -> dict:
         "shuffled caption": best_read(chat, rounds["shuffled caption"], shuffled),
         "shuffled, one sample": rounds["shuffled caption"][0],
     }
-    accuracy = {name: attribute_accuracy(images, scenes) for name, images in drawn.items()}
+    reported = {"model": best, "unconditional": "empty caption", "shuffled_caption": "shuffled caption",
+                "model_one_sample": "one sample", "shuffled_caption_one_sample": "shuffled, one sample"}  # fmt: skip
+    per_attribute = {key: attribute_accuracy(drawn[name], scenes) for key, name in reported.items()}
+    per_attribute["vq_round_trip"] = attribute_accuracy(round_trip, scenes)  # the ceiling
     shown = (best, "one sample", "empty caption", "shuffled caption")
-    ceiling = attribute_accuracy(round_trip, scenes)
     qa = score_scenes(chat, settings["qa_scenes"])
     rows = settings["grid_rows"]
     save_draw_grid(out / "draw_grid.png", captions[:rows],
                    {**{name: drawn[name][:rows] for name in shown}, "truth": truth[:rows]})
     return {
-        "t2i_attribute_accuracy": {"model": accuracy[best]["accuracy"],
-                                   "unconditional": accuracy["empty caption"]["accuracy"],
-                                   "shuffled_caption": accuracy["shuffled caption"]["accuracy"],
-                                   "vq_round_trip": ceiling["accuracy"],
-                                   "model_one_sample": accuracy["one sample"]["accuracy"],
-                                   "shuffled_caption_one_sample": accuracy["shuffled, one sample"]["accuracy"]},
-        "t2i_per_attribute": {"model": accuracy[best], "unconditional": accuracy["empty caption"],
-                              "shuffled_caption": accuracy["shuffled caption"], "vq_round_trip": ceiling,
-                              "model_one_sample": accuracy["one sample"],
-                              "shuffled_caption_one_sample": accuracy["shuffled, one sample"]},
+        "t2i_attribute_accuracy": {key: result["accuracy"] for key, result in per_attribute.items()},
+        "t2i_per_attribute": per_attribute,
         "candidates": settings["candidates"],
         "i2t_exact_match": qa["qa_exact_match"],
         "caption_f1": qa["caption_f1"],
